@@ -1,0 +1,32 @@
+# The two set-up commands named in README.md:
+#   make run   - embedded SQLite + filesystem broker: web, worker and beat, Ctrl-C stops all three
+#   make test  - the whole test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint venv chromium
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/cxr run
+
+# Debian's Chromium for the one browser test (Playwright cannot download its own browser here).
+chromium:
+	@command -v /usr/bin/chromium >/dev/null 2>&1 || bash scripts/install_chromium.sh
+
+test: $(STAMP) chromium
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/python -m pytest -ra
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .

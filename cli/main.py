@@ -1,0 +1,42 @@
+"""`cxr` entry point. Subcommands import their modules lazily so `cxr db upgrade` never loads TensorFlow."""
+
+from __future__ import annotations
+
+import click
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported only when invoked."""
+
+    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy or {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """Eager and lazy command names."""
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """Import a lazy command on first use."""
+        if cmd_name in self.lazy:
+            module_name, attr = self.lazy[cmd_name].rsplit(":", 1)
+            module = __import__(module_name, fromlist=[attr])
+            return getattr(module, attr)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy={
+        "db": "cli.admin_cmds:db_group",
+        "user": "cli.admin_cmds:user_group",
+        "run": "cli.run_cmd:run_command",
+        "worker": "cli.run_cmd:worker_command",
+        "web": "cli.run_cmd:web_command",
+        "reconcile": "cli.run_cmd:reconcile_command",
+        "model": "cli.model_cmds:model_group",
+        "predict": "cli.model_cmds:predict_command",
+    },
+)
+def main() -> None:
+    """Chest X-ray batch screening (research and teaching tool, not a medical device)."""

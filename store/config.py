@@ -1,0 +1,123 @@
+"""Settings read only from CXR_-prefixed environment variables."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PREFIX = "CXR_"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(RuntimeError):
+    """A setting is missing or invalid."""
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(PREFIX + name, default)
+
+
+def _int(name: str, default: int) -> int:
+    raw = _env(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{PREFIX}{name} must be an integer, got {raw!r}") from exc
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every runtime setting of web, worker and CLI."""
+
+    env: str
+    data_dir: Path
+    database_url: str
+    broker_url: str
+    secret_key: str
+    model_dir: Path | None
+    chunk_size: int
+    max_attempts: int
+    running_lease_s: int
+    queued_lease_s: int
+    task_soft_time_limit_s: int
+    task_hard_time_limit_s: int
+    reconcile_every_s: int
+    max_upload_bytes: int
+    max_files_per_upload: int
+    max_image_pixels: int
+    broker_options: dict = field(default_factory=dict)
+
+    @property
+    def is_development(self) -> bool:
+        """True when running the embedded development default."""
+        return self.env == "development"
+
+    @property
+    def uses_filesystem_broker(self) -> bool:
+        """True for the embedded broker that needs no server."""
+        return self.broker_url.startswith("filesystem://")
+
+
+def load_settings() -> Settings:
+    """Read settings from the environment; only development gets defaults for secrets and URLs."""
+    env = _env("ENV", "development") or "development"
+    if env not in {"development", "production", "test"}:
+        raise ConfigError(f"{PREFIX}ENV must be development, production or test, got {env!r}")
+    data_dir = Path(_env("DATA_DIR") or PROJECT_ROOT / "var").resolve()
+    database_url = _env("DATABASE_URL")
+    broker_url = _env("BROKER_URL")
+    secret_key = _env("SECRET_KEY")
+    if env == "production":
+        missing = [
+            n
+            for n, v in (
+                ("DATABASE_URL", database_url),
+                ("BROKER_URL", broker_url),
+                ("SECRET_KEY", secret_key),
+            )
+            if not v
+        ]
+        if missing:
+            raise ConfigError("production needs " + ", ".join(PREFIX + m for m in missing))
+    database_url = database_url or f"sqlite:///{data_dir / 'cxr.sqlite3'}"
+    broker_url = broker_url or "filesystem://"
+    if not secret_key:
+        # Development and tests only: a per-data-dir random key, never a constant in the code.
+        secret_key = _dev_secret(data_dir)
+    running_lease = _int("RUNNING_LEASE_S", 300)
+    hard_limit = _int("TASK_HARD_TIME_LIMIT_S", max(60, running_lease - 30))
+    model_dir = _env("MODEL_DIR")
+    return Settings(
+        env=env,
+        data_dir=data_dir,
+        database_url=database_url,
+        broker_url=broker_url,
+        secret_key=secret_key,
+        model_dir=Path(model_dir).resolve() if model_dir else None,
+        chunk_size=_int("CHUNK_SIZE", 16),
+        max_attempts=_int("MAX_ATTEMPTS", 3),
+        running_lease_s=running_lease,
+        queued_lease_s=_int("QUEUED_LEASE_S", 1800),
+        task_soft_time_limit_s=_int("TASK_SOFT_TIME_LIMIT_S", max(30, hard_limit - 30)),
+        task_hard_time_limit_s=hard_limit,
+        reconcile_every_s=_int("RECONCILE_EVERY_S", 60),
+        max_upload_bytes=_int("MAX_UPLOAD_BYTES", 512 * 1024 * 1024),
+        max_files_per_upload=_int("MAX_FILES_PER_UPLOAD", 1000),
+        max_image_pixels=_int("MAX_IMAGE_PIXELS", 50_000_000),
+    )
+
+
+def _dev_secret(data_dir: Path) -> str:
+    path = data_dir / "dev-secret-key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_urlsafe(48)
+        path.write_text(key)
+        path.chmod(0o600)
+        return key

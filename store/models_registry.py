@@ -1,0 +1,56 @@
+"""Model versions known to the system and which one serves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from store.audit import record_event
+from store.tables import ModelVersion, utcnow
+
+
+def register_model_version(
+    session: Session,
+    *,
+    version: str,
+    artifact_path: str,
+    artifact_sha256: str,
+    metrics: dict[str, Any] | None = None,
+    card: str = "",
+    serve_if_none: bool = True,
+) -> ModelVersion:
+    """Insert the version if new (idempotent); make it serve when nothing serves yet."""
+    mv = session.scalar(select(ModelVersion).where(ModelVersion.version == version))
+    if mv is None:
+        mv = ModelVersion(
+            version=version,
+            artifact_path=artifact_path,
+            artifact_sha256=artifact_sha256,
+            metrics=metrics or {},
+            card=card,
+        )
+        session.add(mv)
+        session.flush()
+    if serve_if_none and serving_version(session) is None:
+        promote(session, model_version=mv, user_id=None)
+    return mv
+
+
+def serving_version(session: Session) -> ModelVersion | None:
+    """The model version that workers should use, if any."""
+    return session.scalar(select(ModelVersion).where(ModelVersion.is_serving.is_(True)))
+
+
+def promote(session: Session, *, model_version: ModelVersion, user_id: int | None) -> None:
+    """Make model_version the only serving version."""
+    session.execute(update(ModelVersion).where(ModelVersion.id != model_version.id).values(is_serving=False))
+    model_version.is_serving = True
+    model_version.promoted_at = utcnow()
+    record_event(session, user_id=user_id, action="model.promote", target=f"model:{model_version.version}")
+
+
+def list_versions(session: Session) -> list[ModelVersion]:
+    """All model versions, newest first."""
+    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.id.desc())))

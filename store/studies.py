@@ -1,0 +1,385 @@
+"""Batches and studies: creation, the QUEUED -> RUNNING -> DONE/FAILED state machine, progress."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from store.audit import record_event
+from store.tables import Batch, Image, Prediction, Study, StudyStatus, User, utcnow
+
+ACTIVE = (StudyStatus.RECEIVED, StudyStatus.QUEUED, StudyStatus.RUNNING)
+
+
+def out_of_attempts_reason(max_attempts: int) -> str:
+    """The readable error of a study that never finished in max_attempts deliveries."""
+    return (
+        f"Processing stopped {max_attempts} times without finishing (worker crash or time limit); "
+        "the image may be too large or malformed. Re-upload it or contact the administrator."
+    )
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Counts of a batch's studies by state."""
+
+    total: int
+    done: int
+    failed: int
+    running: int
+    queued: int
+
+    @property
+    def finished(self) -> bool:
+        """True when no study is left to run."""
+        return self.done + self.failed == self.total
+
+    def as_dict(self) -> dict[str, int | bool]:
+        """JSON-friendly form for the polling endpoint."""
+        return {
+            "total": self.total,
+            "done": self.done,
+            "failed": self.failed,
+            "running": self.running,
+            "queued": self.queued,
+            "finished": self.finished,
+        }
+
+
+def create_batch(session: Session, *, owner: User, name: str, notes: str = "") -> Batch:
+    """Create an empty batch owned by owner."""
+    name = name.strip() or "Untitled batch"
+    batch = Batch(owner_id=owner.id, name=name[:200], notes=notes[:10_000])
+    session.add(batch)
+    session.flush()
+    record_event(session, user_id=owner.id, action="batch.create", target=f"batch:{batch.id}")
+    return batch
+
+
+def hash_patient_key(raw: str | None) -> str | None:
+    """One-way key for a patient identifier: splits stay patient-level without keeping the identifier."""
+    if not raw or not raw.strip():
+        return None
+    return hashlib.sha256(("cxr-patient:" + raw.strip()).encode()).hexdigest()
+
+
+def add_study(
+    session: Session,
+    *,
+    batch: Batch,
+    filename: str,
+    data: bytes | None,
+    fmt: str = "unknown",
+    width: int | None = None,
+    height: int | None = None,
+    thumbnail_png: bytes | None = None,
+    patient_key: str | None = None,
+    error: str | None = None,
+) -> Study:
+    """Store one uploaded file as a study: RECEIVED, or FAILED with a readable error if it was rejected."""
+    sha = None
+    if data:
+        sha = hashlib.sha256(data).hexdigest()
+        if session.get(Image, sha) is None:
+            session.add(Image(sha256=sha, size_bytes=len(data), data=data))
+            # Flush the image first: two identical files in one upload must not insert it twice.
+            session.flush()
+    study = Study(
+        batch_id=batch.id,
+        image_sha256=sha,
+        original_filename=filename[:512],
+        size_bytes=len(data) if data else 0,
+        format=fmt,
+        width=width,
+        height=height,
+        thumbnail_png=thumbnail_png,
+        patient_key=patient_key,
+        status=StudyStatus.FAILED if error else StudyStatus.RECEIVED,
+        error=error,
+        finished_at=utcnow() if error else None,
+    )
+    session.add(study)
+    session.flush()
+    return study
+
+
+def mark_queued(session: Session, *, study_ids: Sequence[int], lease_s: int) -> list[int]:
+    """RECEIVED -> QUEUED for these studies; returns those that changed. Commit before enqueueing them."""
+    if not study_ids:
+        return []
+    now = utcnow()
+    rows = session.execute(
+        update(Study)
+        .where(Study.id.in_(study_ids), Study.status == StudyStatus.RECEIVED)
+        .values(status=StudyStatus.QUEUED, lease_expires_at=now + timedelta(seconds=lease_s), updated_at=now)
+        .returning(Study.id)
+    ).scalars()
+    return sorted(rows)
+
+
+def chunked(ids: Iterable[int], size: int) -> list[list[int]]:
+    """Split ids into lists of at most size."""
+    ids = list(ids)
+    return [ids[i : i + size] for i in range(0, len(ids), max(1, size))]
+
+
+def claim_studies(
+    session: Session, *, study_ids: Sequence[int], token: str, lease_s: int, max_attempts: int
+) -> list[Study]:
+    """Compare-and-set QUEUED (or lease-expired RUNNING, or already ours) -> RUNNING; returns what we hold.
+
+    Each claim counts one delivery. A study that has already been delivered max_attempts times is FAILED
+    instead of run again, so a study that kills its worker cannot loop forever.
+    """
+    if not study_ids:
+        return []
+    now = utcnow()
+    claimable = or_(
+        Study.status == StudyStatus.QUEUED,
+        and_(
+            Study.status == StudyStatus.RUNNING,
+            or_(Study.lease_expires_at < now, Study.claim_token == token),
+        ),
+    )
+    session.execute(
+        update(Study)
+        .where(Study.id.in_(study_ids), claimable, Study.attempts >= max_attempts)
+        .values(
+            status=StudyStatus.FAILED,
+            error=out_of_attempts_reason(max_attempts),
+            claim_token=None,
+            lease_expires_at=None,
+            finished_at=now,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        update(Study)
+        .where(Study.id.in_(study_ids), claimable, Study.attempts < max_attempts)
+        .values(
+            status=StudyStatus.RUNNING,
+            attempts=Study.attempts + 1,
+            claim_token=token,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return list(
+        session.scalars(
+            select(Study)
+            .where(Study.id.in_(study_ids), Study.status == StudyStatus.RUNNING, Study.claim_token == token)
+            .order_by(Study.id)
+            .execution_options(populate_existing=True)
+        )
+    )
+
+
+def load_image_bytes(session: Session, *, studies: Sequence[Study]) -> dict[int, bytes | None]:
+    """Image bytes for each study id (None when the study has no stored image)."""
+    shas = {s.image_sha256 for s in studies if s.image_sha256}
+    data = dict(session.execute(select(Image.sha256, Image.data).where(Image.sha256.in_(shas))).all())
+    return {s.id: data.get(s.image_sha256) if s.image_sha256 else None for s in studies}
+
+
+def _insert_ignore(session: Session):  # noqa: ANN202
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        return postgresql.insert(Prediction)
+    if name == "sqlite":
+        return sqlite.insert(Prediction)
+    raise RuntimeError(f"unsupported database dialect {name}")
+
+
+def complete_study(
+    session: Session,
+    *,
+    study_id: int,
+    token: str,
+    model_version_id: int,
+    label: str,
+    p_covid: float,
+    p_normal: float,
+    p_pneumonia: float,
+    triage: str,
+    elapsed_ms: float,
+) -> bool:
+    """RUNNING (held by token) -> DONE plus its prediction, atomically. False if the claim was lost."""
+    now = utcnow()
+    changed = session.execute(
+        update(Study)
+        .where(Study.id == study_id, Study.status == StudyStatus.RUNNING, Study.claim_token == token)
+        .values(
+            status=StudyStatus.DONE,
+            error=None,
+            claim_token=None,
+            lease_expires_at=None,
+            finished_at=now,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if changed != 1:
+        return False
+    stmt = (
+        _insert_ignore(session)
+        .values(
+            study_id=study_id,
+            model_version_id=model_version_id,
+            label=label,
+            p_covid=float(p_covid),
+            p_normal=float(p_normal),
+            p_pneumonia=float(p_pneumonia),
+            triage=triage,
+            elapsed_ms=float(elapsed_ms),
+            created_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=["study_id", "model_version_id"])
+    )
+    session.execute(stmt)
+    return True
+
+
+def fail_study(session: Session, *, study_id: int, token: str | None, reason: str) -> bool:
+    """Mark a study FAILED with a readable reason (only if we hold it, when token is given)."""
+    now = utcnow()
+    cond = [Study.id == study_id, Study.status.in_(ACTIVE)]
+    if token is not None:
+        cond += [Study.status == StudyStatus.RUNNING, Study.claim_token == token]
+    changed = session.execute(
+        update(Study)
+        .where(*cond)
+        .values(
+            status=StudyStatus.FAILED,
+            error=reason[:2000],
+            claim_token=None,
+            lease_expires_at=None,
+            finished_at=now,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    return changed == 1
+
+
+def release_studies(session: Session, *, study_ids: Sequence[int], token: str, lease_s: int) -> list[int]:
+    """Hand studies we hold back to QUEUED (e.g. on a soft time limit) so they are retried."""
+    now = utcnow()
+    return sorted(
+        session.execute(
+            update(Study)
+            .where(Study.id.in_(study_ids), Study.status == StudyStatus.RUNNING, Study.claim_token == token)
+            .values(
+                status=StudyStatus.QUEUED,
+                claim_token=None,
+                lease_expires_at=now + timedelta(seconds=lease_s),
+                updated_at=now,
+            )
+            .returning(Study.id)
+        ).scalars()
+    )
+
+
+def reconcile(
+    session: Session, *, queued_lease_s: int, max_attempts: int, now: datetime | None = None
+) -> list[int]:
+    """Requeue studies whose lease ran out (QUEUED never picked up, RUNNING whose worker died).
+
+    Returns the ids to enqueue again; the caller commits first. Studies out of attempts are FAILED.
+    """
+    now = now or utcnow()
+    expired = or_(
+        and_(Study.status == StudyStatus.QUEUED, Study.lease_expires_at < now),
+        and_(Study.status == StudyStatus.RUNNING, Study.lease_expires_at < now),
+        # RECEIVED left behind by a web process that died between commit and enqueue.
+        and_(
+            Study.status == StudyStatus.RECEIVED, Study.created_at < now - timedelta(seconds=queued_lease_s)
+        ),
+    )
+    session.execute(
+        update(Study)
+        .where(expired, Study.attempts >= max_attempts)
+        .values(
+            status=StudyStatus.FAILED,
+            error=out_of_attempts_reason(max_attempts),
+            claim_token=None,
+            lease_expires_at=None,
+            finished_at=now,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return sorted(
+        session.execute(
+            update(Study)
+            .where(expired, Study.attempts < max_attempts)
+            .values(
+                status=StudyStatus.QUEUED,
+                claim_token=None,
+                lease_expires_at=now + timedelta(seconds=queued_lease_s),
+                updated_at=now,
+            )
+            .returning(Study.id)
+        ).scalars()
+    )
+
+
+def batch_progress(session: Session, *, batch_ids: Sequence[int]) -> dict[int, Progress]:
+    """Progress of each batch, in one query."""
+    if not batch_ids:
+        return {}
+
+    def count(*states: StudyStatus):  # noqa: ANN202
+        return func.sum(case((Study.status.in_(states), 1), else_=0))
+
+    rows = session.execute(
+        select(
+            Study.batch_id,
+            func.count(Study.id),
+            count(StudyStatus.DONE),
+            count(StudyStatus.FAILED),
+            count(StudyStatus.RUNNING),
+            count(StudyStatus.RECEIVED, StudyStatus.QUEUED),
+        )
+        .where(Study.batch_id.in_(batch_ids))
+        .group_by(Study.batch_id)
+    ).all()
+    out = {bid: Progress(0, 0, 0, 0, 0) for bid in batch_ids}
+    for bid, total, done, failed, running, queued in rows:
+        out[bid] = Progress(int(total), int(done or 0), int(failed or 0), int(running or 0), int(queued or 0))
+    return out
+
+
+def batches_visible_to(session: Session, *, user: User) -> list[Batch]:
+    """A user's own batches, or every batch for an admin; newest first."""
+    stmt = select(Batch).order_by(Batch.id.desc())
+    if not user.is_admin:
+        stmt = stmt.where(Batch.owner_id == user.id)
+    return list(session.scalars(stmt))
+
+
+def get_batch_for(session: Session, *, user: User, batch_id: int) -> Batch | None:
+    """The batch if this user may see it, else None (callers answer 404 either way)."""
+    batch = session.get(Batch, batch_id)
+    if batch is None or (batch.owner_id != user.id and not user.is_admin):
+        return None
+    return batch
+
+
+def study_rows(session: Session, *, batch_id: int) -> list[tuple[Study, Prediction | None]]:
+    """Each study of a batch with its latest prediction (or None)."""
+    studies = list(session.scalars(select(Study).where(Study.batch_id == batch_id).order_by(Study.id)))
+    latest: dict[int, Prediction] = {}
+    preds = session.scalars(
+        select(Prediction).where(Prediction.study_id.in_([s.id for s in studies])).order_by(Prediction.id)
+    )
+    for p in preds:
+        latest[p.study_id] = p
+    return [(s, latest.get(s.id)) for s in studies]

@@ -1,0 +1,200 @@
+"""SQLAlchemy 2.0 typed models: the one schema that web, worker and CLI share."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column, relationship
+
+# Stable constraint names so Alembic migrations are identical on SQLite and PostgreSQL.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now, the only clock the schema uses."""
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with the shared naming convention."""
+
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Role(enum.StrEnum):
+    """What a user may do."""
+
+    USER = "user"
+    REVIEWER = "reviewer"
+    ADMIN = "admin"
+
+
+class StudyStatus(enum.StrEnum):
+    """RECEIVED -> QUEUED -> RUNNING -> DONE or FAILED."""
+
+    RECEIVED = "RECEIVED"
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    # Stored as plain strings with a CHECK constraint: portable and readable in psql.
+    return Enum(cls, name=name, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+
+
+class User(Base):
+    """An account; created by an admin."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256))
+    role: Mapped[Role] = mapped_column(_enum(Role, "role"), default=Role.USER)
+    api_token_hash: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    batches: Mapped[list[Batch]] = relationship(back_populates="owner")
+
+    @property
+    def is_admin(self) -> bool:
+        """True for administrators."""
+        return self.role == Role.ADMIN
+
+
+class Batch(Base):
+    """One upload of many studies by one user."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    notes: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    owner: Mapped[User] = relationship(back_populates="batches")
+    studies: Mapped[list[Study]] = relationship(back_populates="batch", order_by="Study.id")
+
+
+class Image(Base):
+    """Image bytes, content-addressed by sha256 and kept in SQL so any worker host can read them."""
+
+    __tablename__ = "images"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = deferred(mapped_column(LargeBinary, nullable=False))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Study(Base):
+    """One image to classify, with its state machine."""
+
+    __tablename__ = "studies"
+    __table_args__ = (Index("ix_studies_status_lease", "status", "lease_expires_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    # NULL when the upload was rejected before its bytes were worth keeping (e.g. empty file).
+    image_sha256: Mapped[str | None] = mapped_column(ForeignKey("images.sha256"), nullable=True, index=True)
+    # The client's file name: metadata only, escaped on output, never used as a path.
+    original_filename: Mapped[str] = mapped_column(String(512))
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    format: Mapped[str] = mapped_column(String(16), default="unknown")
+    width: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    height: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Hashed patient key (DICOM PatientID or a field given at upload) so retraining splits stay patient-level.
+    patient_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    thumbnail_png: Mapped[bytes | None] = deferred(mapped_column(LargeBinary, nullable=True))
+    status: Mapped[StudyStatus] = mapped_column(
+        _enum(StudyStatus, "study_status"), default=StudyStatus.RECEIVED
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Who holds the study while RUNNING (the Celery task id) and until when.
+    claim_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    batch: Mapped[Batch] = relationship(back_populates="studies")
+    predictions: Mapped[list[Prediction]] = relationship(back_populates="study", order_by="Prediction.id")
+
+
+class ModelVersion(Base):
+    """One trained model artifact known to the system."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), unique=True)
+    artifact_path: Mapped[str] = mapped_column(String(1024))
+    artifact_sha256: Mapped[str] = mapped_column(String(64))
+    is_serving: Mapped[bool] = mapped_column(Boolean, default=False)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    card: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Prediction(Base):
+    """The output of one model version on one study; never overwritten."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (UniqueConstraint("study_id", "model_version_id", name="uq_predictions_study_model"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    label: Mapped[str] = mapped_column(String(16))
+    p_covid: Mapped[float] = mapped_column(Float)
+    p_normal: Mapped[float] = mapped_column(Float)
+    p_pneumonia: Mapped[float] = mapped_column(Float)
+    triage: Mapped[str] = mapped_column(String(64))
+    elapsed_ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="predictions")
+    model_version: Mapped[ModelVersion] = relationship()
+
+
+class AuditEvent(Base):
+    """Who did what, when: sign-ins, uploads, account changes, promotions."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), nullable=True)
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(128), default="")
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -1,0 +1,121 @@
+"""Accounts: creation by an admin, password checks, API tokens. Standard library hashing only."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from store.audit import record_event
+from store.tables import Role, User
+
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 64}
+
+
+class UserError(ValueError):
+    """A user operation was refused; the message says why."""
+
+
+def hash_password(password: str) -> str:
+    """scrypt hash with a random salt, self-describing."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, **_SCRYPT)
+    return f"scrypt${_SCRYPT['n']}${_SCRYPT['r']}${_SCRYPT['p']}${salt.hex()}${digest.hex()}"
+
+
+def verify_password(stored: str, password: str) -> bool:
+    """Constant-time check of password against a stored hash."""
+    try:
+        scheme, n, r, p, salt_hex, digest_hex = stored.split("$")
+    except ValueError:
+        return False
+    if scheme != "scrypt":
+        return False
+    digest = hashlib.scrypt(
+        password.encode(),
+        salt=bytes.fromhex(salt_hex),
+        n=int(n),
+        r=int(r),
+        p=int(p),
+        dklen=len(digest_hex) // 2,
+    )
+    return hmac.compare_digest(digest.hex(), digest_hex)
+
+
+def create_user(
+    session: Session, *, username: str, password: str, role: Role = Role.USER, created_by: int | None = None
+) -> User:
+    """Create an account; refuses duplicates and short passwords."""
+    username = username.strip()
+    if not username or len(username) > 64:
+        raise UserError("username must be 1-64 characters")
+    if len(password) < 10:
+        raise UserError("password must be at least 10 characters")
+    if session.scalar(select(User).where(User.username == username)) is not None:
+        raise UserError(f"user {username!r} already exists")
+    user = User(username=username, password_hash=hash_password(password), role=Role(role))
+    session.add(user)
+    session.flush()
+    record_event(
+        session,
+        user_id=created_by,
+        action="user.create",
+        target=f"user:{user.id}",
+        details={"username": username, "role": str(user.role)},
+    )
+    return user
+
+
+def authenticate(session: Session, *, username: str, password: str) -> User | None:
+    """The active user with these credentials, or None."""
+    user = session.scalar(select(User).where(User.username == username.strip()))
+    if user is None or not user.is_active:
+        # Spend the same time as a real check so user names cannot be probed by timing.
+        verify_password(hash_password("x" * 10), password)
+        return None
+    return user if verify_password(user.password_hash, password) else None
+
+
+def _token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def issue_api_token(session: Session, *, user: User) -> str:
+    """Create or replace the user's API token; the plain token is returned once, only its hash kept."""
+    token = "cxr_" + secrets.token_urlsafe(32)
+    user.api_token_hash = _token_digest(token)
+    record_event(session, user_id=user.id, action="user.api_token", target=f"user:{user.id}")
+    return token
+
+
+def user_for_token(session: Session, token: str) -> User | None:
+    """The active user owning this API token, or None."""
+    if not token:
+        return None
+    user = session.scalar(select(User).where(User.api_token_hash == _token_digest(token)))
+    return user if user is not None and user.is_active else None
+
+
+def ensure_admin(session: Session, *, username: str = "admin") -> tuple[User, str] | None:
+    """Create a first admin with a one-time random password if no admin exists; returns it, else None."""
+    if session.scalar(select(func.count()).select_from(User).where(User.role == Role.ADMIN)):
+        return None
+    password = secrets.token_urlsafe(12)
+    user = create_user(session, username=username, password=password, role=Role.ADMIN)
+    return user, password
+
+
+def set_password(session: Session, *, user: User, password: str, changed_by: int | None = None) -> None:
+    """Replace a user's password."""
+    if len(password) < 10:
+        raise UserError("password must be at least 10 characters")
+    user.password_hash = hash_password(password)
+    record_event(session, user_id=changed_by, action="user.password", target=f"user:{user.id}")
+
+
+def list_users(session: Session) -> list[User]:
+    """All accounts, oldest first."""
+    return list(session.scalars(select(User).order_by(User.id)))
