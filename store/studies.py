@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, case, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from store.audit import record_event
+from store.db import insert_ignore
 from store.tables import Batch, Image, Prediction, Study, StudyStatus, User, utcnow
 
 ACTIVE = (StudyStatus.RECEIVED, StudyStatus.QUEUED, StudyStatus.RUNNING)
@@ -189,15 +189,6 @@ def load_image_bytes(session: Session, *, studies: Sequence[Study]) -> dict[int,
     return {s.id: data.get(s.image_sha256) if s.image_sha256 else None for s in studies}
 
 
-def _insert_ignore(session: Session):  # noqa: ANN202
-    name = session.get_bind().dialect.name
-    if name == "postgresql":
-        return postgresql.insert(Prediction)
-    if name == "sqlite":
-        return sqlite.insert(Prediction)
-    raise RuntimeError(f"unsupported database dialect {name}")
-
-
 def complete_study(
     session: Session,
     *,
@@ -229,7 +220,7 @@ def complete_study(
     if changed != 1:
         return False
     stmt = (
-        _insert_ignore(session)
+        insert_ignore(session, Prediction)
         .values(
             study_id=study_id,
             model_version_id=model_version_id,

@@ -187,6 +187,61 @@ class Prediction(Base):
     model_version: Mapped[ModelVersion] = relationship()
 
 
+class Review(Base):
+    """A reviewer's confirmation or correction of a finished study's label; the newest one counts."""
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    reviewer_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), nullable=True
+    )
+    label: Mapped[str] = mapped_column(String(16))
+    # True when the reviewer agreed with the prediction shown, False when they corrected it.
+    agrees: Mapped[bool] = mapped_column(Boolean)
+    note: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RunStatus(enum.StrEnum):
+    """Life of a retraining run."""
+
+    RUNNING = "RUNNING"
+    PROMOTED = "PROMOTED"
+    REJECTED = "REJECTED"
+    FAILED = "FAILED"
+
+
+class RetrainRun(Base):
+    """One retraining attempt: progress, the gate's verdict and its reasons."""
+
+    __tablename__ = "retrain_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trigger: Mapped[str] = mapped_column(String(32))
+    status: Mapped[RunStatus] = mapped_column(_enum(RunStatus, "run_status"), default=RunStatus.RUNNING)
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    epochs_total: Mapped[int] = mapped_column(Integer, default=0)
+    n_reviewed: Mapped[int] = mapped_column(Integer, default=0)
+    current_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), nullable=True)
+    candidate_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), nullable=True)
+    gate: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    reasons: Mapped[str] = mapped_column(Text, default="")
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Lock(Base):
+    """A named lock with a lease, so a crashed holder does not block the next one forever."""
+
+    __tablename__ = "locks"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class AuditEvent(Base):
     """Who did what, when: sign-ins, uploads, account changes, promotions."""
 
