@@ -1,0 +1,114 @@
+"""Report page, CSV and JSON exports: contents, escaping, the notice, progress JSON."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import select
+
+from store.db import session_scope
+from store.studies import claim_studies, complete_study
+from store.tables import ModelVersion, Study, StudyStatus
+from tests.web.conftest import corrupt_png, png_bytes, upload
+from web.reports import NOTICE
+
+EVIL = "<img src=x onerror=alert(1)>.png"
+
+
+def _finish_first(url: str) -> int:
+    """Play the worker for the first queued study through the store's real state machine."""
+    with session_scope(url) as s:
+        mv = ModelVersion(version="test-v1", artifact_path="/nonexistent", artifact_sha256="0" * 64)
+        s.add(mv)
+        s.flush()
+        sid = s.scalars(select(Study.id).where(Study.status == StudyStatus.QUEUED).order_by(Study.id)).first()
+        claim_studies(s, study_ids=[sid], token="t1", lease_s=60, max_attempts=3)
+        assert complete_study(
+            s,
+            study_id=sid,
+            token="t1",
+            model_version_id=mv.id,
+            label="pneumonia",
+            p_covid=0.1,
+            p_normal=0.2,
+            p_pneumonia=0.7,
+            triage="urgent review",
+            elapsed_ms=12.5,
+        )
+        return sid
+
+
+def _batch(app: Flask, client: FlaskClient) -> tuple[int, int]:
+    upload(client, [("=cmd.png", png_bytes(seed=1)), (EVIL, corrupt_png()), ("c.png", png_bytes(seed=2))])
+    url = app.extensions["cxr_settings"].database_url
+    sid = _finish_first(url)
+    with session_scope(url) as s:
+        return s.get(Study, sid).batch_id, sid
+
+
+def test_report_page_escapes_and_shows_notice(app: Flask, login: Callable[[str], FlaskClient]) -> None:
+    client = login("alice")
+    batch_id, sid = _batch(app, client)
+    html = client.get(f"/batches/{batch_id}").get_data(as_text=True)
+    assert NOTICE in html
+    assert EVIL not in html and "&lt;img src=x onerror=alert(1)&gt;.png" in html
+    assert "pneumonia" in html and "0.700" in html and "urgent review" in html
+    assert "Unreadable PNG file" in html
+    thumb = client.get(f"/studies/{sid}/thumbnail.png")
+    assert thumb.status_code == 200 and thumb.data.startswith(b"\x89PNG")
+
+
+def test_csv_export(app: Flask, login: Callable[[str], FlaskClient]) -> None:
+    client = login("alice")
+    batch_id, sid = _batch(app, client)
+    resp = client.get(f"/batches/{batch_id}/report.csv")
+    assert resp.status_code == 200 and resp.mimetype == "text/csv"
+    assert "attachment" in resp.headers["Content-Disposition"]
+    rows = list(csv.reader(io.StringIO(resp.get_data(as_text=True))))
+    assert rows[0] == [f"# {NOTICE}"]
+    header, body = rows[1], [dict(zip(rows[1], r, strict=True)) for r in rows[2:]]
+    assert header[:3] == ["study_id", "file_name", "status"]
+    assert len(body) == 3
+    done = next(r for r in body if r["study_id"] == str(sid))
+    assert done["file_name"] == "'=cmd.png"  # neutralised spreadsheet formula
+    assert (done["predicted_class"], done["p_pneumonia"], done["triage"]) == (
+        "pneumonia",
+        "0.7",
+        "urgent review",
+    )
+    assert done["model_version"] == "test-v1"
+    failed = next(r for r in body if r["status"] == "FAILED")
+    assert failed["file_name"] == EVIL and failed["error"].startswith("Unreadable PNG file")
+
+
+def test_json_export_and_progress(app: Flask, login: Callable[[str], FlaskClient]) -> None:
+    client = login("alice")
+    batch_id, sid = _batch(app, client)
+    data = client.get(f"/batches/{batch_id}/report.json").get_json()
+    assert data["notice"] == NOTICE
+    assert data["batch"]["id"] == batch_id and data["batch"]["owner"] == "alice"
+    assert data["progress"] == {
+        "total": 3,
+        "done": 1,
+        "failed": 1,
+        "running": 0,
+        "queued": 1,
+        "finished": False,
+    }
+    by_id = {s["study_id"]: s for s in data["studies"]}
+    assert by_id[sid]["p_covid"] == 0.1 and by_id[sid]["predicted_class"] == "pneumonia"
+    assert client.get(f"/batches/{batch_id}/progress.json").get_json()["done"] == 1
+    many = client.get(f"/batches/progress.json?ids={batch_id},999").get_json()
+    assert list(many) == [str(batch_id)]
+
+
+def test_dashboard_lists_batches_with_progress(app: Flask, login: Callable[[str], FlaskClient]) -> None:
+    client = login("alice")
+    batch_id, _ = _batch(app, client)
+    html = client.get("/").get_data(as_text=True)
+    assert f'data-batch-id="{batch_id}"' in html and 'data-finished="false"' in html
+    assert "66% · 1 done · 1 failed · 3 total" in html

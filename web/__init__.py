@@ -1,0 +1,124 @@
+"""The Flask web app: one factory, blueprints for auth, batches, reports, admin and the JSON API.
+
+The web process never imports TensorFlow: it validates uploads with model.preprocess (OpenCV/pydicom only)
+and sends tasks by name through worker.app.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+from flask import Flask, jsonify, render_template, request
+from flask_wtf.csrf import CSRFError
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.wrappers import Response
+
+from store.config import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def _apply_overrides(settings: Settings, config: dict[str, Any]) -> Settings:
+    # Keys named like Settings fields in upper case (DATABASE_URL, MAX_UPLOAD_BYTES, ...) override the
+    # environment; this is how tests point the app at a throwaway database.
+    names = {f.name for f in dataclasses.fields(Settings)}
+    changes = {k.lower(): v for k, v in config.items() if k.lower() in names and k.isupper()}
+    return dataclasses.replace(settings, **changes) if changes else settings
+
+
+def _cap_decoders(max_pixels: int) -> None:
+    # Second line of defence behind the header check in web.uploads: the decoders themselves refuse images
+    # over the cap. OpenCV reads its variable when first used, so set it before anything decodes.
+    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(max_pixels))
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """Build the web app from CXR_ settings, with optional overrides (tests)."""
+    config = dict(config or {})
+    settings = _apply_overrides(load_settings(), config)
+
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes,
+        # Every uploaded file is one multipart part; leave room for the form fields.
+        MAX_FORM_PARTS=settings.max_files_per_upload + 50,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.env == "production",
+        REMEMBER_COOKIE_HTTPONLY=True,
+        REMEMBER_COOKIE_SAMESITE="Lax",
+        REMEMBER_COOKIE_SECURE=settings.env == "production",
+        WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the session; long uploads must not expire it
+        CXR_ENV=settings.env,
+    )
+    app.config.update({k: v for k, v in config.items() if k.isupper()})
+
+    _cap_decoders(settings.max_image_pixels)
+
+    from web.db import init_db
+    from web.extensions import csrf, login_manager
+
+    init_db(app, settings)
+    csrf.init_app(app)
+    login_manager.init_app(app)
+    login_manager.login_view = "auth.login"
+    login_manager.login_message = "Please sign in."
+    login_manager.session_protection = "strong"
+
+    from web import admin, api, auth, batches, reports
+
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(batches.bp)
+    app.register_blueprint(reports.bp)
+    app.register_blueprint(admin.bp)
+    app.register_blueprint(api.bp)
+    csrf.exempt(api.bp)  # bearer tokens, never cookies: CSRF does not apply
+
+    @app.context_processor
+    def _globals() -> dict[str, Any]:
+        return {"notice": reports.NOTICE}
+
+    @app.after_request
+    def _security_headers(resp: Response) -> Response:
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        resp.headers.setdefault("X-Frame-Options", "DENY")
+        resp.headers.setdefault("Referrer-Policy", "same-origin")
+        # No inline script or style anywhere, so the policy can forbid them.
+        resp.headers.setdefault(
+            "Content-Security-Policy",
+            "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+            "frame-ancestors 'none'",
+        )
+        return resp
+
+    def _wants_json() -> bool:
+        return request.path.startswith("/api/") or request.path.endswith(".json")
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(exc: RequestEntityTooLarge) -> tuple[Response | str, int]:
+        limit = settings.max_upload_bytes / 2**20
+        msg = f"The upload is larger than the {limit:.0f} MB limit. Split it into several batches."
+        if _wants_json():
+            return jsonify({"error": msg}), 413
+        return render_template("error.html", code=413, message=msg), 413
+
+    @app.errorhandler(CSRFError)
+    def _csrf_error(exc: CSRFError) -> tuple[str, int]:
+        msg = "The form expired or was not sent from this site. Reload the page and try again."
+        return render_template("error.html", code=400, message=msg), 400
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> tuple[Response | str, int]:
+        code = exc.code or 500
+        if _wants_json():
+            return jsonify({"error": exc.description or exc.name}), code
+        return render_template("error.html", code=code, message=exc.description or exc.name), code
+
+    return app

@@ -1,0 +1,158 @@
+"""JSON API under /api/v1 for scripts: per-user bearer tokens, no cookies, so no CSRF."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, abort, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response
+
+from store.studies import batch_progress, batches_visible_to, create_batch, get_batch_for
+from store.tables import Batch, User
+from store.users import user_for_token
+from web.batches import uploaded_files
+from web.db import get_db, get_settings
+from web.reports import NOTICE, batch_payload
+from web.uploads import ingest_files, start_batch, submit_batch
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+
+def _truthy(value: object) -> bool:
+    return str(value).strip().lower() in {"1", "true", "yes", "on"}
+
+
+@bp.before_request
+def _authenticate() -> Response | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    user = user_for_token(get_db(), token.strip()) if scheme.lower() == "bearer" else None
+    if user is None:
+        resp = jsonify({"error": "a valid API token is required (Authorization: Bearer <token>)"})
+        resp.status_code = 401
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="cxr"'
+        return resp
+    g.api_user = user
+    return None
+
+
+@bp.errorhandler(HTTPException)
+def _json_error(exc: HTTPException) -> tuple[Response, int]:
+    return jsonify({"error": exc.description or exc.name}), exc.code or 500
+
+
+def _user() -> User:
+    return g.api_user
+
+
+def _batch_or_404(batch_id: int) -> Batch:
+    batch = get_batch_for(get_db(), user=_user(), batch_id=batch_id)
+    if batch is None:
+        abort(404, description="no such batch")
+    return batch
+
+
+def _summary(batch: Batch) -> dict[str, Any]:
+    progress = batch_progress(get_db(), batch_ids=[batch.id])[batch.id]
+    return {
+        "id": batch.id,
+        "name": batch.name,
+        "notes": batch.notes,
+        "created_at": batch.created_at.isoformat(),
+        "progress": progress.as_dict(),
+        "notice": NOTICE,
+    }
+
+
+def _params() -> dict[str, Any]:
+    if request.is_json:
+        body = request.get_json(silent=True)
+        return body if isinstance(body, dict) else {}
+    return request.form.to_dict()
+
+
+@bp.get("/batches")
+def list_batches() -> Response:
+    """Every batch the token's user may see."""
+    batches = batches_visible_to(get_db(), user=_user())
+    progress = batch_progress(get_db(), batch_ids=[b.id for b in batches])
+    return jsonify(
+        {
+            "notice": NOTICE,
+            "batches": [{"id": b.id, "name": b.name, "progress": progress[b.id].as_dict()} for b in batches],
+        }
+    )
+
+
+@bp.post("/batches")
+def create() -> tuple[Response, int]:
+    """Create a batch; with multipart files and start=true it is also uploaded and started in one call."""
+    params = _params()
+    name, notes = str(params.get("name") or ""), str(params.get("notes") or "")
+    db = get_db()
+    files = uploaded_files(request.files.getlist("files")) if request.files else []
+    if files and _truthy(params.get("start", "false")):
+        result = submit_batch(
+            db,
+            owner=_user(),
+            name=name,
+            notes=notes,
+            files=files,
+            settings=get_settings(),
+            patient_id=params.get("patient_id") or None,
+        )
+        body = _summary(result.batch)
+        body.update(
+            study_ids=result.study_ids, queued=result.start.queued, enqueue_error=result.start.enqueue_error
+        )
+        return jsonify(body), 201
+    batch = create_batch(db, owner=_user(), name=name, notes=notes)
+    ids = ingest_files(db, batch=batch, files=files, settings=get_settings()) if files else []
+    db.commit()
+    body = _summary(batch)
+    body.update(study_ids=ids, queued=[])
+    return jsonify(body), 201
+
+
+@bp.post("/batches/<int:batch_id>/files")
+def upload(batch_id: int) -> tuple[Response, int]:
+    """Add files (multipart field "files", repeatable; zips expanded) to a batch; they wait for start."""
+    batch = _batch_or_404(batch_id)
+    files = uploaded_files(request.files.getlist("files"))
+    if not files:
+        abort(400, description='send the images as multipart form field "files"')
+    db = get_db()
+    ids = ingest_files(
+        db,
+        batch=batch,
+        files=files,
+        settings=get_settings(),
+        patient_id=request.form.get("patient_id") or None,
+    )
+    db.commit()
+    body = _summary(batch)
+    body["study_ids"] = ids
+    return jsonify(body), 201
+
+
+@bp.post("/batches/<int:batch_id>/start")
+def start(batch_id: int) -> Response:
+    """Queue every RECEIVED study of the batch (committed before it is enqueued)."""
+    batch = _batch_or_404(batch_id)
+    result = start_batch(get_db(), batch=batch, settings=get_settings())
+    body = _summary(batch)
+    body.update(queued=result.queued, enqueue_error=result.enqueue_error)
+    return jsonify(body)
+
+
+@bp.get("/batches/<int:batch_id>")
+def progress(batch_id: int) -> Response:
+    """A batch with its progress (poll this)."""
+    return jsonify(_summary(_batch_or_404(batch_id)))
+
+
+@bp.get("/batches/<int:batch_id>/results")
+def results(batch_id: int) -> Response:
+    """Every study with its prediction or error (same shape as the JSON export)."""
+    return jsonify(batch_payload(get_db(), batch=_batch_or_404(batch_id)))

@@ -1,0 +1,135 @@
+"""Sign in and out (Flask-Login, CSRF-protected forms) and the current-user wrapper."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from flask import Blueprint, flash, redirect, render_template, request, url_for
+from flask_login import UserMixin, current_user, login_required, login_user, logout_user
+from flask_wtf import FlaskForm
+from werkzeug.wrappers import Response
+from wtforms import PasswordField, StringField
+from wtforms.validators import DataRequired, Length
+
+from store.audit import record_event
+from store.tables import User
+from store.users import authenticate, issue_api_token
+from web.db import get_db
+from web.extensions import login_manager
+
+bp = Blueprint("auth", __name__)
+
+
+class LoginUser(UserMixin):
+    """Flask-Login view of a store User; the ORM row is in .row."""
+
+    def __init__(self, row: User) -> None:
+        self.row = row
+        self.id = row.id
+        self.username = row.username
+        self.role = row.role
+
+    @property
+    def is_active(self) -> bool:  # type: ignore[override]
+        """Disabled accounts cannot use their session."""
+        return bool(self.row.is_active)
+
+    @property
+    def is_admin(self) -> bool:
+        """True for administrators."""
+        return self.row.is_admin
+
+    def get_id(self) -> str:
+        """Session id that also changes with the password, so a password change signs out old sessions."""
+        return f"{self.row.id}:{self.row.password_hash[-12:]}"
+
+
+@login_manager.user_loader
+def _load_user(session_id: str) -> LoginUser | None:
+    user_id, _, fingerprint = session_id.partition(":")
+    if not user_id.isdigit():
+        return None
+    row = get_db().get(User, int(user_id))
+    if row is None or not row.is_active or row.password_hash[-12:] != fingerprint:
+        return None
+    return LoginUser(row)
+
+
+def current_row() -> User:
+    """The signed-in user's ORM row (views are behind login_required)."""
+    return current_user.row  # type: ignore[attr-defined]
+
+
+class LoginForm(FlaskForm):
+    """Username and password."""
+
+    username = StringField("Username", validators=[DataRequired(), Length(max=64)])
+    password = PasswordField("Password", validators=[DataRequired(), Length(max=1024)])
+
+
+class LogoutForm(FlaskForm):
+    """An empty form: signing out is a POST with a CSRF token."""
+
+
+def _safe_next(target: str | None) -> str | None:
+    # Only same-site relative paths: an open redirect would let a link send users elsewhere after sign-in.
+    if not target:
+        return None
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+        return None
+    return target
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login() -> str | Response:
+    """Show and process the sign-in form."""
+    if current_user.is_authenticated:
+        return redirect(url_for("batches.dashboard"))
+    form = LoginForm()
+    if form.validate_on_submit():
+        db = get_db()
+        user = authenticate(db, username=form.username.data or "", password=form.password.data or "")
+        if user is None:
+            record_event(db, user_id=None, action="auth.login_failed", target=(form.username.data or "")[:64])
+            db.commit()
+            flash("Wrong username or password.", "error")
+            return render_template("login.html", form=form), 401
+        login_user(LoginUser(user))
+        record_event(db, user_id=user.id, action="auth.login", target=f"user:{user.id}")
+        db.commit()
+        return redirect(_safe_next(request.args.get("next")) or url_for("batches.dashboard"))
+    return render_template("login.html", form=form)
+
+
+@bp.route("/logout", methods=["POST"])
+@login_required
+def logout() -> Response:
+    """Sign out (POST only, CSRF-checked)."""
+    form = LogoutForm()
+    if form.validate_on_submit():
+        db = get_db()
+        record_event(db, user_id=current_user.id, action="auth.logout", target=f"user:{current_user.id}")
+        db.commit()
+        logout_user()
+        flash("Signed out.", "info")
+    return redirect(url_for("auth.login"))
+
+
+class TokenForm(FlaskForm):
+    """An empty form: issuing a token is a CSRF-checked POST."""
+
+
+@bp.route("/account", methods=["GET", "POST"])
+@login_required
+def account() -> str:
+    """The signed-in user's account: issue (or replace) a personal API token, shown once."""
+    form = TokenForm()
+    token = None
+    if form.validate_on_submit():
+        db = get_db()
+        token = issue_api_token(db, user=current_row())
+        db.commit()
+    return render_template(
+        "account.html", form=form, token=token, has_token=bool(current_row().api_token_hash)
+    )
