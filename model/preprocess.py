@@ -1,7 +1,8 @@
-"""The one image preprocessing used by training, evaluation and serving (OpenCV, numpy, pydicom; no TensorFlow).
+"""The one image preprocessing used by training, evaluation and serving (OpenCV, numpy, pydicom; no TF).
 
-Pipeline: bytes -> `decode_image` (PNG 8/16-bit, JPEG, DICOM with modality LUT, VOI LUT / window and MONOCHROME1
-inversion; a pixel cap checked from the headers before any pixel is decoded) -> 2-D float32 in [0, 1], bone bright
+Pipeline: bytes -> `decode_image` (PNG 8/16-bit, JPEG, DICOM with modality LUT, VOI LUT / window and
+MONOCHROME1 inversion; a pixel cap checked from the headers before any pixel is decoded) -> 2-D float32 in
+[0, 1], bone bright
 -> `preprocess` (resize keeping the aspect ratio, robust per-image contrast stretch, zero padding to a square)
 -> float32 (size, size, 1).
 """
@@ -144,7 +145,9 @@ def _decode_raster(data: bytes, fmt: str) -> np.ndarray:
     except cv2.error as exc:
         raise ImageDecodeError(f"{fmt.upper()} pixel data could not be decoded") from exc
     if img is None or img.size == 0:
-        raise ImageDecodeError(f"{fmt.upper()} pixel data could not be decoded (file is corrupt or truncated)")
+        raise ImageDecodeError(
+            f"{fmt.upper()} pixel data could not be decoded (file is corrupt or truncated)"
+        )
     img = _to_gray(img)
     if img.dtype == np.uint8:
         out = img.astype(np.float32) / 255.0
@@ -163,7 +166,8 @@ def _window(arr: np.ndarray, ds) -> np.ndarray:
 
     lo_data, hi_data = float(arr.min()), float(arr.max())
     if "VOILUTSequence" in ds:
-        out = apply_voi_lut(arr, ds, index=0).astype(np.float64)
+        src = arr.astype(np.int64) if np.array_equal(arr, np.round(arr)) else arr  # LUT lookup wants integers
+        out = apply_voi_lut(src, ds, index=0).astype(np.float64)
         lo, hi = float(out.min()), float(out.max())
         return (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
     center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
@@ -215,7 +219,9 @@ def _decode_dicom(data: bytes) -> np.ndarray:
         arr = apply_modality_lut(arr, ds).astype(np.float64)
         out = _window(arr, ds)
     except Exception as exc:  # noqa: BLE001
-        raise ImageDecodeError(f"DICOM grey-level transform could not be applied ({type(exc).__name__})") from exc
+        raise ImageDecodeError(
+            f"DICOM grey-level transform could not be applied ({type(exc).__name__})"
+        ) from exc
     if photometric == "MONOCHROME1":
         out = 1.0 - out
     return np.clip(out, 0.0, 1.0).astype(np.float32)
@@ -250,7 +256,7 @@ def _stretch(img: np.ndarray) -> np.ndarray:
 
 
 def preprocess(gray: np.ndarray, size: int) -> np.ndarray:
-    """Resize keeping aspect ratio, stretch contrast (1st-99th percentile), zero-pad to (size, size, 1) float32."""
+    """Resize keeping aspect ratio, stretch contrast (1st-99th percentile), zero-pad to (size, size, 1)."""
     gray = np.asarray(gray, dtype=np.float32)
     if gray.ndim == 3 and gray.shape[2] == 1:
         gray = gray[:, :, 0]
@@ -275,7 +281,9 @@ def make_thumbnail(data: bytes, max_side: int = 160) -> bytes:
     h, w = gray.shape
     scale = min(1.0, max_side / max(h, w))
     if scale < 1.0:
-        gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        gray = cv2.resize(
+            gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
+        )
     ok, buf = cv2.imencode(".png", np.clip(gray * 255.0 + 0.5, 0, 255).astype(np.uint8))
     if not ok:
         raise ImageDecodeError("preview could not be encoded")

@@ -1,0 +1,254 @@
+"""`cxr model ...` (split, train, evaluate, gradcam, info) and `cxr predict`: thin wiring to model/."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from model import DEFAULT_SPLIT, REPO_ROOT
+
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "cxr"
+PREDICT_CHUNK = 32
+
+
+@click.group("model")
+def model_group() -> None:
+    """Train, evaluate and inspect the chest X-ray CNN."""
+
+
+@model_group.command("split")
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=DEFAULT_DATA)
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_SPLIT, show_default=True
+)
+@click.option("--seed", type=int, default=20260401, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing split file.")
+def split_command(data: Path, out: Path, seed: int, force: bool) -> None:
+    """Make the patient-level train/val/test split (stratified by class and source) and save it."""
+    from collections import Counter
+
+    from model.data import make_split, read_dataset, read_split, write_split
+
+    if out.exists() and not force:
+        raise click.ClickException(f"{out} exists; every command uses it. Pass --force to overwrite.")
+    records = read_dataset(data)
+    write_split(records, make_split(records, seed), out)
+    for name, recs in read_split(out).items():
+        counts = Counter(r.label for r in recs)
+        click.echo(
+            f"{name}: {len(recs)} images, {len({r.patient_id for r in recs})} patients, {dict(counts)}"
+        )
+
+
+@model_group.command("train")
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=DEFAULT_DATA)
+@click.option("--arch", default="cxr_s", show_default=True, help="cxr_s | cxr_m | cxr_sep | tiny | baseline")
+@click.option(
+    "--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds, one ensemble member each."
+)
+@click.option("--epochs", type=int, default=40, show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Artifact directory [default: model/artifacts/default, or runs/artifacts/baseline].",
+)
+@click.option("--split", "split_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_SPLIT)
+@click.option(
+    "--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=REPO_ROOT / "runs" / "train"
+)
+@click.option("--no-reuse", is_flag=True, help="Retrain members even if runs/ has them.")
+def train_command(
+    data: Path,
+    arch: str,
+    seeds: str,
+    epochs: int,
+    out: Path | None,
+    split_path: Path,
+    runs_dir: Path,
+    no_reuse: bool,
+) -> None:
+    """Train one member per seed, calibrate on validation and write the ensemble artifact."""
+    from model.pipeline import train_and_export
+
+    if out is None:
+        out = REPO_ROOT / ("runs/artifacts/baseline" if arch == "baseline" else "model/artifacts/default")
+    seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+    cmd = f"cxr model train --data {data} --arch {arch} --seeds {seeds} --epochs {epochs}"
+    meta = train_and_export(
+        data,
+        out,
+        arch=arch,
+        seeds=seed_list,
+        epochs=epochs,
+        split_path=split_path,
+        runs_dir=runs_dir,
+        reuse=not no_reuse,
+        command=cmd,
+        log=lambda m: click.echo(m, err=True),
+    )
+    click.echo(
+        json.dumps({"version": meta["version"], "out": str(out), "metrics": meta["metrics"]}, indent=1)
+    )
+
+
+@model_group.command("evaluate")
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=DEFAULT_DATA)
+@click.option(
+    "--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None
+)
+@click.option(
+    "--baseline",
+    "baseline_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=REPO_ROOT / "runs" / "artifacts" / "baseline",
+    show_default=True,
+)
+@click.option(
+    "--split",
+    "split_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=DEFAULT_SPLIT,
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=REPO_ROOT / "docs" / "model",
+    show_default=True,
+)
+def evaluate_command(
+    data: Path, model_dir: Path | None, baseline_dir: Path, split_path: Path, out: Path
+) -> None:
+    """Write the test-split report (Markdown + PNGs): ours vs the tutorial CNN, per source, source probe."""
+    from model.evaluate import evaluate_report
+    from model.serve import DEFAULT_ARTIFACT_DIR
+
+    report = evaluate_report(
+        data,
+        model_dir or DEFAULT_ARTIFACT_DIR,
+        baseline_dir if baseline_dir.exists() else None,
+        split_path,
+        out,
+    )
+    click.echo(f"wrote {report}")
+
+
+@model_group.command("gradcam")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None
+)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output PNG.")
+def gradcam_command(image: Path, model_dir: Path | None, out: Path) -> None:
+    """Write a Grad-CAM overlay PNG for one image."""
+    from model.explain import gradcam_png
+
+    out.write_bytes(gradcam_png(model_dir, image.read_bytes()))
+    click.echo(f"wrote {out}")
+
+
+@model_group.command("info")
+@click.option(
+    "--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None
+)
+def info_command(model_dir: Path | None) -> None:
+    """Print the artifact's version, hash, thresholds and metrics."""
+    from model.serve import load_predictor
+
+    p = load_predictor(model_dir)
+    click.echo(
+        json.dumps(
+            {
+                "version": p.version,
+                "artifact_dir": str(p.artifact_dir),
+                "sha256": p.artifact_sha256,
+                "classes": p.classes,
+                "thresholds": p.thresholds,
+                "metrics": p.metrics,
+            },
+            indent=1,
+        )
+    )
+
+
+def _collect(paths: tuple[Path, ...]) -> list[Path]:
+    """Files named explicitly, plus every image file (by magic bytes) found recursively in named folders."""
+    from model.preprocess import sniff_format
+
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and not f.name.startswith("."):
+                    with open(f, "rb") as fh:
+                        if sniff_format(fh.read(132)) is not None:
+                            out.append(f)
+        else:
+            out.append(p)
+    return out
+
+
+@click.command("predict")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Artifact directory [default: the committed model/artifacts/default].",
+)
+def predict_command(paths: tuple[Path, ...], fmt: str, model_dir: Path | None) -> None:
+    """Screen image files or folders (recursive) with the serving model; one row per image on stdout.
+
+    Unreadable files get label "error" and empty probabilities, and their reason goes to stderr; the exit
+    status is 1 only when no file at all could be read.
+    """
+    from model.preprocess import ImageDecodeError
+    from model.serve import load_predictor
+
+    files = _collect(paths)
+    if not files:
+        raise click.ClickException("no PNG, JPEG or DICOM files found")
+    predictor = load_predictor(model_dir)
+    rows: list[dict] = []
+    for i in range(0, len(files), PREDICT_CHUNK):
+        chunk = files[i : i + PREDICT_CHUNK]
+        datas = []
+        for f in chunk:
+            try:
+                datas.append(f.read_bytes())
+            except OSError as exc:
+                datas.append(b"")
+                click.echo(f"{f}: {exc}", err=True)
+        for f, res in zip(chunk, predictor.predict_bytes(datas), strict=True):
+            if isinstance(res, ImageDecodeError):
+                click.echo(f"{f}: {res}", err=True)
+                rows.append(
+                    {
+                        "path": str(f),
+                        "label": "error",
+                        "p_covid": None,
+                        "p_normal": None,
+                        "p_pneumonia": None,
+                        "triage": "",
+                        "error": str(res),
+                    }
+                )
+            else:
+                rows.append({"path": str(f), **res.as_dict()})
+    if fmt == "json":
+        click.echo(json.dumps({"model_version": predictor.version, "results": rows}, indent=1))
+    else:
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(["path", "label", "p_covid", "p_normal", "p_pneumonia", "triage"])
+        for r in rows:
+            probs = ["" if r[k] is None else f"{r[k]:.6f}" for k in ("p_covid", "p_normal", "p_pneumonia")]
+            w.writerow([r["path"], r["label"], *probs, r["triage"]])
+        sys.stdout.flush()
+    if all(r["label"] == "error" for r in rows):
+        sys.exit(1)

@@ -1,0 +1,158 @@
+"""The compiled serving path shared by the Celery worker and `cxr predict` (LiteRT interpreter with XNNPACK).
+
+Importing this module is cheap: the interpreter is imported inside `load_predictor`.
+One Predictor per process; calls are serialised by a lock (the interpreter is not thread-safe).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model import PACKAGE_DIR
+from model.artifact import artifact_sha256, read_meta
+from model.calibrate import triage as _triage
+from model.preprocess import DEFAULT_MAX_PIXELS, PREPROCESS_VERSION, ImageDecodeError, prepare
+
+DEFAULT_ARTIFACT_DIR: Path = PACKAGE_DIR / "artifacts" / "default"
+
+
+@dataclass
+class StudyResult:
+    """The prediction for one image."""
+
+    label: str
+    p_covid: float
+    p_normal: float
+    p_pneumonia: float
+    triage: str
+
+    def as_dict(self) -> dict:
+        """Plain dict (JSON-ready)."""
+        return asdict(self)
+
+
+def _interpreter_class():
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # pragma: no cover - fallback when LiteRT is not installed
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter  # noqa: N806
+    return Interpreter
+
+
+class Predictor:
+    """A loaded model version: calibrated probabilities, labels and triage bands from the compiled model."""
+
+    def __init__(self, artifact_dir: Path, *, num_threads: int | None = None) -> None:
+        self.artifact_dir = Path(artifact_dir)
+        meta = read_meta(self.artifact_dir)
+        if meta.get("preprocess_version") != PREPROCESS_VERSION:
+            raise RuntimeError(
+                f"model {self.artifact_dir} was trained with preprocessing "
+                f"{meta.get('preprocess_version')!r}, "
+                f"this code has {PREPROCESS_VERSION!r}"
+            )
+        self.meta = meta
+        self.version: str = meta["version"]
+        self.artifact_sha256: str = artifact_sha256(self.artifact_dir)
+        self.metrics: dict = meta.get("metrics", {})
+        self.card: str = (self.artifact_dir / "card.md").read_text()
+        self.classes: tuple[str, ...] = tuple(meta["classes"])
+        self.input_size: int = int(meta["input_size"])
+        self.input_channels: int = int(meta.get("input_channels", 1))
+        self.thresholds: dict[str, float] = dict(meta["thresholds"])
+        self.temperature: float = float(meta["temperature"])
+        interpreter_cls = _interpreter_class()
+        self._interp = interpreter_cls(
+            model_path=str(self.artifact_dir / "model.tflite"), num_threads=num_threads or _default_threads()
+        )
+        self._in = self._interp.get_input_details()[0]["index"]
+        self._out = self._interp.get_output_details()[0]["index"]
+        self._batch = -1
+        self._lock = threading.Lock()
+
+    def predict_arrays(self, x: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (N x classes) for preprocessed arrays (N, S, S, 1), run as one batch."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 3:
+            x = x[None]
+        if x.shape[-1] == 1 and self.input_channels == 3:
+            x = np.repeat(x, 3, axis=-1)
+        expected = (self.input_size, self.input_size, self.input_channels)
+        if x.shape[1:] != expected:
+            raise ValueError(f"expected arrays of shape (N, {expected}), got {x.shape}")
+        if len(x) == 0:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        with self._lock:
+            if self._batch != len(x):
+                self._interp.resize_tensor_input(self._in, x.shape, strict=False)
+                self._interp.allocate_tensors()
+                self._batch = len(x)
+            self._interp.set_tensor(self._in, np.ascontiguousarray(x))
+            self._interp.invoke()
+            return self._interp.get_tensor(self._out).copy()
+
+    def triage(self, probs: np.ndarray) -> str:
+        """Triage band of one calibrated probability vector."""
+        return _triage(np.asarray(probs), self.thresholds)
+
+    def result(self, probs: np.ndarray) -> StudyResult:
+        """StudyResult of one probability vector."""
+        p = {c: float(v) for c, v in zip(self.classes, probs, strict=True)}
+        return StudyResult(
+            label=self.classes[int(np.argmax(probs))],
+            p_covid=p["covid"],
+            p_normal=p["normal"],
+            p_pneumonia=p["pneumonia"],
+            triage=self.triage(probs),
+        )
+
+    def prepare(self, data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """Decode and preprocess one image for this model."""
+        return prepare(data, self.input_size, max_pixels=max_pixels)
+
+    def predict_bytes(
+        self, items: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> list[StudyResult | ImageDecodeError]:
+        """Decode every item; failures become the ImageDecodeError in that slot; the rest run as one batch."""
+        out: list[StudyResult | ImageDecodeError | None] = [None] * len(items)
+        arrays, idx = [], []
+        for i, data in enumerate(items):
+            try:
+                arrays.append(self.prepare(data, max_pixels=max_pixels))
+                idx.append(i)
+            except ImageDecodeError as exc:
+                out[i] = exc
+            except Exception as exc:  # noqa: BLE001 - never let one odd file fail the batch
+                out[i] = ImageDecodeError(f"image could not be read ({type(exc).__name__}: {exc})")
+        if arrays:
+            probs = self.predict_arrays(np.stack(arrays))
+            for i, p in zip(idx, probs, strict=True):
+                out[i] = self.result(p)
+        return out  # type: ignore[return-value]
+
+
+def _default_threads() -> int:
+    import os
+
+    return int(os.environ.get("CXR_SERVE_THREADS", "0")) or min(4, os.cpu_count() or 1)
+
+
+_CACHE: dict[Path, Predictor] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_predictor(artifact_dir: Path | None = None) -> Predictor:
+    """Load (once per process and directory) an artifact's Predictor; None means the committed default."""
+    path = Path(artifact_dir or DEFAULT_ARTIFACT_DIR).resolve()
+    with _CACHE_LOCK:
+        if path not in _CACHE:
+            if not (path / "meta.json").exists():
+                raise FileNotFoundError(f"no model artifact at {path} (meta.json missing)")
+            _CACHE[path] = Predictor(path)
+        return _CACHE[path]

@@ -1,0 +1,44 @@
+"""Fixtures for the worker's unit tests: a user, a batch of studies, a registered model version."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from store.db import session_scope
+from store.models_registry import register_model_version
+from store.studies import add_study, create_batch, mark_queued
+from store.users import create_user
+
+
+@dataclass
+class Seeded:
+    """What the seeded fixture created."""
+
+    url: str
+    batch_id: int
+    study_ids: list[int]
+    model_version_id: int
+
+
+def seed(url: str, images: list[bytes | None], *, queued: bool = True) -> Seeded:
+    """A user, a batch with one study per image (QUEUED unless told), and a model version."""
+    with session_scope(url) as session:
+        user = create_user(session, username="seed", password="correct horse battery")
+        batch = create_batch(session, owner=user, name="seeded")
+        ids = [
+            add_study(session, batch=batch, filename=f"img{i}.png", data=d).id for i, d in enumerate(images)
+        ]
+        if queued:
+            mark_queued(session, study_ids=ids, lease_s=3600)
+        mv = register_model_version(
+            session, version="unit-v1", artifact_path="/nowhere", artifact_sha256="0" * 64
+        )
+        return Seeded(url, batch.id, ids, mv.id)
+
+
+@pytest.fixture
+def seeded(db_url: str) -> Seeded:
+    """Four QUEUED studies with distinct (fake, never decoded) bytes, on SQLite and on PostgreSQL."""
+    return seed(db_url, [f"image-{i}".encode() for i in range(4)])

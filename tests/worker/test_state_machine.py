@@ -1,0 +1,172 @@
+"""The study state machine the worker relies on (store.studies), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import func, select, update
+
+from store.db import session_scope
+from store.studies import (
+    claim_studies,
+    complete_study,
+    fail_study,
+    mark_queued,
+    out_of_attempts_reason,
+    reconcile,
+    release_studies,
+)
+from store.tables import Prediction, Study, StudyStatus, utcnow
+from tests.worker.conftest import Seeded, seed
+
+LEASE = 60
+
+
+def _claim(url: str, ids: list[int], token: str, max_attempts: int = 3) -> list[int]:
+    with session_scope(url) as s:
+        return [
+            st.id
+            for st in claim_studies(s, study_ids=ids, token=token, lease_s=LEASE, max_attempts=max_attempts)
+        ]
+
+
+def _states(url: str, ids: list[int]) -> dict[int, tuple[StudyStatus, int, str | None]]:
+    with session_scope(url) as s:
+        rows = s.execute(
+            select(Study.id, Study.status, Study.attempts, Study.claim_token).where(Study.id.in_(ids))
+        )
+        return {i: (st, a, tok) for i, st, a, tok in rows}
+
+
+def _expire(url: str, ids: list[int]) -> None:
+    with session_scope(url) as s:
+        s.execute(
+            update(Study).where(Study.id.in_(ids)).values(lease_expires_at=utcnow() - timedelta(seconds=5))
+        )
+
+
+def _complete(url: str, sid: int, token: str, mv: int) -> bool:
+    with session_scope(url) as s:
+        return complete_study(
+            s,
+            study_id=sid,
+            token=token,
+            model_version_id=mv,
+            label="normal",
+            p_covid=0.1,
+            p_normal=0.8,
+            p_pneumonia=0.1,
+            triage="routine",
+            elapsed_ms=12.0,
+        )
+
+
+def _predictions(url: str, sid: int) -> int:
+    with session_scope(url) as s:
+        return s.scalar(select(func.count()).select_from(Prediction).where(Prediction.study_id == sid))
+
+
+def test_claim_is_compare_and_set(seeded: Seeded) -> None:
+    """One token wins; another gets nothing while the lease holds; the holder may re-claim (redelivery)."""
+    ids = seeded.study_ids
+    assert _claim(seeded.url, ids, "task-a") == ids
+    assert _claim(seeded.url, ids, "task-b") == []
+    assert _claim(seeded.url, ids[:2], "task-a") == ids[:2]  # redelivered message: same task id
+    states = _states(seeded.url, ids)
+    assert [states[i] for i in ids[:2]] == [(StudyStatus.RUNNING, 2, "task-a")] * 2
+    assert states[ids[2]] == (StudyStatus.RUNNING, 1, "task-a")
+
+
+def test_expired_lease_can_be_claimed_by_another_task(seeded: Seeded) -> None:
+    """A RUNNING study whose worker died is taken over once its lease ran out."""
+    ids = seeded.study_ids
+    _claim(seeded.url, ids, "dead-task")
+    _expire(seeded.url, ids[:1])
+    assert _claim(seeded.url, ids, "task-b") == ids[:1]
+    assert not _complete(seeded.url, ids[0], "dead-task", seeded.model_version_id), "the old holder lost it"
+    assert _complete(seeded.url, ids[0], "task-b", seeded.model_version_id)
+
+
+def test_attempt_cap_fails_the_study_instead_of_running_it(seeded: Seeded) -> None:
+    """A study delivered max_attempts times is FAILED with a readable reason, never claimed again."""
+    sid = seeded.study_ids[0]
+    for n in range(2):
+        assert _claim(seeded.url, [sid], f"t{n}", max_attempts=2) == [sid]
+        _expire(seeded.url, [sid])
+    assert _claim(seeded.url, [sid], "t2", max_attempts=2) == []
+    with session_scope(seeded.url) as s:
+        study = s.get(Study, sid)
+        assert (study.status, study.attempts, study.error) == (
+            StudyStatus.FAILED,
+            2,
+            out_of_attempts_reason(2),
+        )
+
+
+def test_complete_is_idempotent_with_one_prediction(seeded: Seeded) -> None:
+    """Completing twice (a duplicate delivery) changes nothing and writes no second prediction."""
+    sid = seeded.study_ids[0]
+    _claim(seeded.url, [sid], "t")
+    assert _complete(seeded.url, sid, "t", seeded.model_version_id)
+    assert not _complete(seeded.url, sid, "t", seeded.model_version_id)
+    assert _claim(seeded.url, [sid], "t") == [], "a DONE study is never claimed again"
+    assert _predictions(seeded.url, sid) == 1
+    assert _states(seeded.url, [sid])[sid] == (StudyStatus.DONE, 1, None)
+
+
+def test_fail_study_needs_the_claim(seeded: Seeded) -> None:
+    """With a token, only the holder can fail a study; the reason is kept."""
+    sid = seeded.study_ids[0]
+    _claim(seeded.url, [sid], "holder")
+    with session_scope(seeded.url) as s:
+        assert not fail_study(s, study_id=sid, token="other", reason="nope")
+        assert fail_study(s, study_id=sid, token="holder", reason="PNG pixel data could not be decoded")
+    with session_scope(seeded.url) as s:
+        assert s.get(Study, sid).error == "PNG pixel data could not be decoded"
+
+
+def test_release_hands_studies_back_to_queued(seeded: Seeded) -> None:
+    """On a soft time limit the holder releases its studies; someone else's stay untouched."""
+    a, b = seeded.study_ids[:2]
+    _claim(seeded.url, [a], "mine")
+    _claim(seeded.url, [b], "theirs")
+    with session_scope(seeded.url) as s:
+        assert release_studies(s, study_ids=[a, b], token="mine", lease_s=LEASE) == [a]
+    states = _states(seeded.url, [a, b])
+    assert states[a] == (StudyStatus.QUEUED, 1, None)
+    assert states[b] == (StudyStatus.RUNNING, 1, "theirs")
+
+
+def test_reconcile_requeues_expired_and_fails_exhausted(seeded: Seeded) -> None:
+    """Expired QUEUED/RUNNING come back QUEUED (ids returned); out of attempts: FAILED; live: untouched."""
+    queued_expired, running_expired, exhausted, live = seeded.study_ids
+    _claim(seeded.url, [running_expired, exhausted, live], "t")
+    with session_scope(seeded.url) as s:
+        s.execute(update(Study).where(Study.id == exhausted).values(attempts=2))
+    _expire(seeded.url, [queued_expired, running_expired, exhausted])
+    with session_scope(seeded.url) as s:
+        assert reconcile(s, queued_lease_s=600, max_attempts=2) == sorted([queued_expired, running_expired])
+    states = _states(seeded.url, seeded.study_ids)
+    assert states[queued_expired] == (StudyStatus.QUEUED, 0, None)
+    assert states[running_expired] == (StudyStatus.QUEUED, 1, None)
+    assert states[exhausted][0] == StudyStatus.FAILED
+    assert states[live] == (StudyStatus.RUNNING, 1, "t")
+    with session_scope(seeded.url) as s:
+        assert reconcile(s, queued_lease_s=600, max_attempts=2) == [], "requeued ones have a fresh lease"
+
+
+def test_reconcile_picks_up_received_left_by_a_dead_web_process(db_url: str) -> None:
+    """A study committed RECEIVED but never enqueued (web died in between) is queued after the lease."""
+    s = seed(db_url, [b"x"], queued=False)
+    with session_scope(db_url) as session:
+        assert reconcile(session, queued_lease_s=600, max_attempts=3) == []
+        later = utcnow() + timedelta(seconds=601)
+        assert reconcile(session, queued_lease_s=600, max_attempts=3, now=later) == s.study_ids
+
+
+def test_mark_queued_only_moves_received(db_url: str) -> None:
+    """mark_queued is RECEIVED -> QUEUED only (a second call is a no-op)."""
+    s = seed(db_url, [b"a", b"b"], queued=False)
+    with session_scope(db_url) as session:
+        assert mark_queued(session, study_ids=s.study_ids, lease_s=60) == s.study_ids
+        assert mark_queued(session, study_ids=s.study_ids, lease_s=60) == []

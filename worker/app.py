@@ -1,0 +1,127 @@
+"""The Celery app and its configuration. No TensorFlow: the web process imports this to send tasks by name.
+
+Only `send_screen_chunks` and the task names are meant for other packages; the worker process registers the
+tasks themselves through `include=["worker.tasks"]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from store.config import Settings, load_settings
+from store.studies import chunked
+
+SCREEN_TASK = "cxr.screen_chunk"
+RECONCILE_TASK = "cxr.reconcile"
+INFERENCE_QUEUE = "inference"
+TRAINING_QUEUE = "training"
+
+
+def broker_folders(settings: Settings) -> dict[str, Path]:
+    """The embedded broker's folders under data_dir/broker (messages, consumed copies, exchange tables)."""
+    root = settings.data_dir / "broker"
+    return {"queue": root / "queue", "processed": root / "processed", "control": root / "control"}
+
+
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    """Transport options: folders for the filesystem broker, a visibility timeout for Redis."""
+    if settings.uses_filesystem_broker:
+        folders = broker_folders(settings)
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        return {
+            # One folder both ways: producers and consumers on this machine share the same queue files.
+            "data_folder_in": str(folders["queue"]),
+            "data_folder_out": str(folders["queue"]),
+            "control_folder": str(folders["control"]),
+            # Consumed messages are deleted, not archived: the broker must not grow with every batch.
+            "store_processed": False,
+            "processed_folder": str(folders["processed"]),
+            # The folder is polled; 0.1 s keeps the time to first result low at negligible CPU cost.
+            "polling_interval": 0.1,
+        }
+    # Redis re-delivers an unacknowledged message after visibility_timeout: it must exceed the longest task
+    # (hard limit) plus the time a prefetched message may wait, or a slow task would run twice.
+    return {"visibility_timeout": max(3600, 2 * settings.task_hard_time_limit_s + 600)}
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Every periodic job of the service, declared in this one place (issue 4 adds retraining here)."""
+    return {
+        "reconcile-stuck-studies": {
+            "task": RECONCILE_TASK,
+            "schedule": float(settings.reconcile_every_s),
+            # A reconcile nobody ran in time is useless later; do not let them pile up while workers are down.
+            "options": {"queue": INFERENCE_QUEUE, "expires": float(settings.reconcile_every_s)},
+        },
+    }
+
+
+def make_celery(settings: Settings | None = None, *, set_as_current: bool = True) -> Celery:
+    """Build a Celery app for these settings (tests build one per throwaway broker)."""
+    settings = settings or load_settings()
+    app = Celery("cxr", include=["worker.tasks"], set_as_current=set_as_current)
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_transport_options=broker_transport_options(settings),
+        broker_connection_retry_on_startup=True,
+        # Results live in SQL; no result backend.
+        task_ignore_result=True,
+        result_backend=None,
+        # At-least-once delivery: ack after the task ran, requeue when the child process died under it.
+        # A study that kills its worker every time is capped by the attempt counter in SQL, not here.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        task_soft_time_limit=settings.task_soft_time_limit_s,
+        task_time_limit=settings.task_hard_time_limit_s,
+        task_default_queue=INFERENCE_QUEUE,
+        task_queues=(
+            Queue(INFERENCE_QUEUE, Exchange(INFERENCE_QUEUE), routing_key=INFERENCE_QUEUE),
+            Queue(TRAINING_QUEUE, Exchange(TRAINING_QUEUE), routing_key=TRAINING_QUEUE),
+        ),
+        task_routes={
+            SCREEN_TASK: {"queue": INFERENCE_QUEUE},
+            RECONCILE_TASK: {"queue": INFERENCE_QUEUE},
+            "cxr.retrain*": {"queue": TRAINING_QUEUE},
+        },
+        beat_schedule=beat_schedule(settings),
+        timezone="UTC",
+        enable_utc=True,
+        # The model loads in worker_process_init (TensorFlow takes seconds); the default 4 s kills the child.
+        worker_proc_alive_timeout=180,
+        worker_send_task_events=False,
+        worker_hijack_root_logger=False,
+    )
+    app.cxr_settings = settings  # type: ignore[attr-defined]
+    return app
+
+
+celery_app = make_celery()
+
+
+def send_screen_chunks(
+    study_ids: Sequence[int], *, app: Celery | None = None, chunk_size: int | None = None
+) -> int:
+    """Enqueue screening tasks for these (committed, QUEUED) studies by task name; returns the task count."""
+    app = app or celery_app
+    size = chunk_size or app.cxr_settings.chunk_size  # type: ignore[attr-defined]
+    chunks = chunked(sorted(set(int(i) for i in study_ids)), size)
+    if not chunks:
+        return 0
+    queue = app.amqp.queues[INFERENCE_QUEUE]
+    with app.producer_or_acquire() as producer:
+        for chunk in chunks:
+            # declare=[queue]: the embedded broker routes through its exchange table, which must exist even
+            # when no worker has started yet, or the message would be dropped as undeliverable.
+            app.send_task(SCREEN_TASK, args=[chunk], queue=queue, producer=producer, declare=[queue])
+    return len(chunks)

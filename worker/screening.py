@@ -1,0 +1,290 @@
+"""Plain screening functions the Celery tasks call (tests call them directly, with the real predictor).
+
+The chunk protocol, all through store.studies' compare-and-set functions:
+  1. a chunk holding a study that was delivered before (it may have crashed a worker) is split into
+     one task per such study, so a poison study can only take itself down;
+  2. claim (QUEUED -> RUNNING, attempts + 1, token = the Celery task id) and COMMIT at once, so no
+     lock is held on SQLite or PostgreSQL while the model runs;
+  3. load the bytes, run the model on the whole chunk as one array;
+  4. write every result (DONE with its prediction, or FAILED with a readable reason) and commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from store.config import Settings
+from store.db import session_scope
+from store.models_registry import register_model_version
+from store.studies import (
+    claim_studies,
+    complete_study,
+    fail_study,
+    load_image_bytes,
+    reconcile,
+    release_studies,
+)
+from store.tables import ModelVersion, Study, StudyStatus
+
+log = logging.getLogger("cxr.worker")
+
+NO_IMAGE_REASON = "No image data was stored for this file (it was empty or rejected at upload)."
+INTERNAL_ERROR_REASON = "The model could not process this image ({kind}); contact the administrator."
+
+Enqueue = Callable[[Sequence[int], int], int]
+"""send(study_ids, chunk_size) -> number of tasks; called only after the session committed."""
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """A predictor loaded in this process and the model_versions row its predictions refer to."""
+
+    predictor: Any
+    model_version_id: int
+    version: str
+
+
+@dataclass
+class ChunkOutcome:
+    """What one run of screen_chunk did."""
+
+    done: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    not_claimed: list[int] = field(default_factory=list)
+    requeued: list[int] = field(default_factory=list)
+    split: bool = False
+
+
+# Per-process caches. Keyed by pid as well: a forked child must load its own model, never its parent's.
+_lock = threading.Lock()
+_predictors: dict[tuple[int, str], Any] = {}
+_version_ids: dict[tuple[int, str, str], int] = {}
+
+
+def get_predictor(settings: Settings) -> Any:
+    """The predictor of this process, loaded on first use (TensorFlow is imported here, never at import)."""
+    key = (os.getpid(), str(settings.model_dir or ""))
+    with _lock:
+        predictor = _predictors.get(key)
+        if predictor is None:
+            from model.serve import load_predictor
+
+            started = time.perf_counter()
+            predictor = load_predictor(settings.model_dir)
+            _predictors[key] = predictor
+            log.info(
+                "model %s loaded from %s in %.1f s (pid %d)",
+                predictor.version,
+                predictor.artifact_dir,
+                time.perf_counter() - started,
+                os.getpid(),
+            )
+        return predictor
+
+
+def model_version_id(database_url: str, predictor: Any) -> int:
+    """Register the predictor's version in model_versions (serving if none serves yet); its id, cached."""
+    key = (os.getpid(), database_url, predictor.version)
+    cached = _version_ids.get(key)
+    if cached is not None:
+        return cached
+    for attempt in range(3):
+        try:
+            with session_scope(database_url) as session:
+                mv = register_model_version(
+                    session,
+                    version=predictor.version,
+                    artifact_path=str(predictor.artifact_dir),
+                    artifact_sha256=predictor.artifact_sha256,
+                    metrics=dict(predictor.metrics or {}),
+                    card=predictor.card or "",
+                    serve_if_none=True,
+                )
+                mv_id = mv.id
+            break
+        except IntegrityError:
+            # Another worker registered the same version at the same moment: read theirs.
+            if attempt == 2:
+                raise
+            with session_scope(database_url) as session:
+                found = session.scalar(
+                    select(ModelVersion.id).where(ModelVersion.version == predictor.version)
+                )
+            if found is not None:
+                mv_id = found
+                break
+    _version_ids[key] = mv_id
+    return mv_id
+
+
+def serving_model(settings: Settings) -> ServingModel:
+    """Load (once per process) the model and make sure its version is registered in this database."""
+    predictor = get_predictor(settings)
+    return ServingModel(predictor, model_version_id(settings.database_url, predictor), predictor.version)
+
+
+def split_suspects(
+    session: Session, *, study_ids: Sequence[int], token: str, settings: Settings
+) -> list[list[int]] | None:
+    """For a chunk holding studies delivered before, release them and return the chunks to send instead.
+
+    A study with attempts >= 1 that is still active was delivered and never finished: its worker may have
+    died on it. Running it in a chunk again would take the chunk's other studies down with it, and their
+    attempts would run out too. So each such study gets a task of its own; the fresh ones stay together.
+    Returns None when the chunk can run as is. The caller commits, then sends.
+    """
+    if len(study_ids) <= 1:
+        return None
+    rows = session.execute(
+        select(Study.id, Study.attempts).where(
+            Study.id.in_(study_ids), Study.status.in_((StudyStatus.QUEUED, StudyStatus.RUNNING))
+        )
+    ).all()
+    suspects = sorted(i for i, attempts in rows if attempts >= 1)
+    if not suspects:
+        return None
+    # This very message may have been delivered before (same task id = same token): hand back what it holds.
+    release_studies(session, study_ids=suspects, token=token, lease_s=settings.queued_lease_s)
+    fresh = sorted(i for i, attempts in rows if attempts < 1)
+    return ([fresh] if fresh else []) + [[i] for i in suspects]
+
+
+def screen_chunk(
+    session: Session,
+    *,
+    study_ids: Sequence[int],
+    token: str,
+    model: ServingModel,
+    settings: Settings,
+) -> ChunkOutcome:
+    """Claim, classify as one array, and record these studies; commits. Idempotent per (study, model version).
+
+    Studies not claimable (already DONE/FAILED, or held by another live task) are left alone. On a soft time
+    limit or an unexpected error the studies still held are released to QUEUED and listed in `requeued` (the
+    caller sends them again, one per task); the attempt counter bounds how often that can happen.
+    """
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    outcome = ChunkOutcome()
+    claimed = claim_studies(
+        session,
+        study_ids=list(study_ids),
+        token=token,
+        lease_s=settings.running_lease_s,
+        max_attempts=settings.max_attempts,
+    )
+    session.commit()  # the claim is visible (progress shows RUNNING) and no lock is held during inference
+    held = [s.id for s in claimed]
+    outcome.not_claimed = sorted(set(study_ids) - set(held))
+    if not claimed:
+        return outcome
+    try:
+        images = load_image_bytes(session, studies=claimed)
+        session.commit()  # end the read transaction before the long inference
+        runnable = [sid for sid in held if images.get(sid)]
+        for sid in held:
+            if not images.get(sid) and fail_study(session, study_id=sid, token=token, reason=NO_IMAGE_REASON):
+                outcome.failed.append(sid)
+        results: list[Any] = []
+        elapsed_ms = 0.0
+        if runnable:
+            started = time.perf_counter()
+            results = model.predictor.predict_bytes(
+                [images[sid] for sid in runnable], max_pixels=settings.max_image_pixels
+            )
+            # One array for the chunk: each study's share of the chunk's wall time.
+            elapsed_ms = (time.perf_counter() - started) * 1000.0 / len(runnable)
+            if len(results) != len(runnable):
+                raise RuntimeError(f"predictor returned {len(results)} results for {len(runnable)} images")
+        _record(session, runnable, results, token=token, model=model, elapsed_ms=elapsed_ms, outcome=outcome)
+        session.commit()
+    except (SoftTimeLimitExceeded, Exception) as exc:
+        session.rollback()
+        kind = "time limit" if isinstance(exc, SoftTimeLimitExceeded) else type(exc).__name__
+        outcome.done.clear()
+        outcome.failed.clear()
+        outcome.requeued = release_studies(
+            session, study_ids=held, token=token, lease_s=settings.queued_lease_s
+        )
+        session.commit()
+        log.warning("chunk %s released after %s: %s", held, kind, exc)
+        if not isinstance(exc, SoftTimeLimitExceeded):
+            log.exception("screening error")
+    return outcome
+
+
+def _record(
+    session: Session,
+    study_ids: Sequence[int],
+    results: Sequence[Any],
+    *,
+    token: str,
+    model: ServingModel,
+    elapsed_ms: float,
+    outcome: ChunkOutcome,
+) -> None:
+    from model.preprocess import ImageDecodeError
+
+    for sid, result in zip(study_ids, results, strict=True):
+        if isinstance(result, ImageDecodeError):
+            if fail_study(session, study_id=sid, token=token, reason=str(result)):
+                outcome.failed.append(sid)
+        elif isinstance(result, BaseException):
+            reason = INTERNAL_ERROR_REASON.format(kind=type(result).__name__)
+            if fail_study(session, study_id=sid, token=token, reason=reason):
+                outcome.failed.append(sid)
+        else:
+            ok = complete_study(
+                session,
+                study_id=sid,
+                token=token,
+                model_version_id=model.model_version_id,
+                label=str(result.label),
+                p_covid=float(result.p_covid),
+                p_normal=float(result.p_normal),
+                p_pneumonia=float(result.p_pneumonia),
+                triage=str(result.triage),
+                elapsed_ms=elapsed_ms,
+            )
+            if ok:
+                outcome.done.append(sid)
+
+
+def run_screen_task(
+    study_ids: Sequence[int], *, token: str, settings: Settings, enqueue: Enqueue
+) -> ChunkOutcome:
+    """One delivery of cxr.screen_chunk: one session; split, or screen; send follow-ups after the commit."""
+    ids = sorted({int(i) for i in study_ids})
+    # Loaded (once per process) before the session opens: no transaction stays open while TensorFlow loads.
+    model = serving_model(settings)
+    with session_scope(settings.database_url) as session:
+        chunks = split_suspects(session, study_ids=ids, token=token, settings=settings)
+        if chunks is not None:
+            session.commit()
+            for chunk in chunks:
+                enqueue(chunk, len(chunk))
+            return ChunkOutcome(split=True, requeued=ids)
+        outcome = screen_chunk(session, study_ids=ids, token=token, model=model, settings=settings)
+    for sid in outcome.requeued:
+        enqueue([sid], 1)
+    return outcome
+
+
+def reconcile_once(settings: Settings, *, enqueue: Enqueue) -> list[int]:
+    """Requeue studies whose lease ran out (FAILED when out of attempts), commit, then enqueue them."""
+    with session_scope(settings.database_url) as session:
+        ids = reconcile(session, queued_lease_s=settings.queued_lease_s, max_attempts=settings.max_attempts)
+    if ids:
+        enqueue(ids, settings.chunk_size)
+        log.info("reconciler requeued %d studies", len(ids))
+    return ids
