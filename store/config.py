@@ -49,6 +49,16 @@ class Settings:
     max_upload_bytes: int
     max_files_per_upload: int
     max_image_pixels: int
+    retrain_cron: str = "0 2 * * *"
+    retrain_epochs: int = 30
+    retrain_seeds: tuple[int, ...] = (1,)
+    retrain_base_data: Path = PROJECT_ROOT.parent / "shared" / "data" / "cxr"
+    retrain_split: Path = PROJECT_ROOT / "model" / "splits" / "cxr_split_v1.csv"
+    retrain_lease_s: int = 1800
+    retrain_time_limit_s: int = 6 * 3600
+    gate_sensitivity_margin: float = 0.02
+    gate_f1_margin: float = 0.02
+    gate_ece_max: float = 0.10
     broker_options: dict = field(default_factory=dict)
 
     @property
@@ -60,6 +70,48 @@ class Settings:
     def uses_filesystem_broker(self) -> bool:
         """True for the embedded broker that needs no server."""
         return self.broker_url.startswith("filesystem://")
+
+
+def _float(name: str, default: float) -> float:
+    raw = _env(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{PREFIX}{name} must be a number, got {raw!r}") from exc
+
+
+def _retrain_settings(data_dir: Path) -> dict:
+    """Retraining: schedule (cron, or "off"), epochs, seeds, base data, locked split, gate margins."""
+    base = Path(_env("RETRAIN_BASE_DATA") or PROJECT_ROOT.parent / "shared" / "data" / "cxr").resolve()
+    default_split = (
+        PROJECT_ROOT / "model" / "splits" / "cxr_split_v1.csv"
+        if base == (PROJECT_ROOT.parent / "shared" / "data" / "cxr").resolve()
+        else data_dir / "retrain" / f"split-{base.name}.csv"  # made once from that data, then kept
+    )
+    seeds_raw = _env("RETRAIN_SEEDS") or "1"
+    try:
+        seeds = tuple(int(x) for x in seeds_raw.split(",") if x.strip())
+    except ValueError as exc:
+        raise ConfigError(
+            f"{PREFIX}RETRAIN_SEEDS must be comma-separated integers, got {seeds_raw!r}"
+        ) from exc
+    cron = (_env("RETRAIN_CRON") or "0 2 * * *").strip()
+    if cron != "off" and len(cron.split()) != 5:
+        raise ConfigError(f"{PREFIX}RETRAIN_CRON must be a 5-field cron expression or 'off', got {cron!r}")
+    return {
+        "retrain_cron": cron,
+        "retrain_epochs": _int("RETRAIN_EPOCHS", 30),
+        "retrain_seeds": seeds or (1,),
+        "retrain_base_data": base,
+        "retrain_split": Path(_env("RETRAIN_SPLIT") or default_split).resolve(),
+        "retrain_lease_s": _int("RETRAIN_LEASE_S", 1800),
+        "retrain_time_limit_s": _int("RETRAIN_TIME_LIMIT_S", 6 * 3600),
+        "gate_sensitivity_margin": _float("GATE_SENSITIVITY_MARGIN", 0.02),
+        "gate_f1_margin": _float("GATE_F1_MARGIN", 0.02),
+        "gate_ece_max": _float("GATE_ECE_MAX", 0.10),
+    }
 
 
 def load_settings() -> Settings:
@@ -108,6 +160,7 @@ def load_settings() -> Settings:
         max_upload_bytes=_int("MAX_UPLOAD_BYTES", 512 * 1024 * 1024),
         max_files_per_upload=_int("MAX_FILES_PER_UPLOAD", 1000),
         max_image_pixels=_int("MAX_IMAGE_PIXELS", 50_000_000),
+        **_retrain_settings(data_dir),
     )
 
 

@@ -374,3 +374,40 @@ def study_rows(session: Session, *, batch_id: int) -> list[tuple[Study, Predicti
     for p in preds:
         latest[p.study_id] = p
     return [(s, latest.get(s.id)) for s in studies]
+
+
+def rescreen_batch(session: Session, *, batch_id: int, lease_s: int, user_id: int | None) -> list[int]:
+    """Send a finished batch's images through the serving model again: DONE/FAILED -> QUEUED.
+
+    Old predictions stay; the new model version adds its own (one per study and version). Studies that
+    failed validation at upload (no stored image) stay FAILED. Commit, then enqueue the returned ids.
+    """
+    now = utcnow()
+    ids = sorted(
+        session.execute(
+            update(Study)
+            .where(
+                Study.batch_id == batch_id,
+                Study.status.in_((StudyStatus.DONE, StudyStatus.FAILED)),
+                Study.image_sha256.is_not(None),
+            )
+            .values(
+                status=StudyStatus.QUEUED,
+                attempts=0,
+                error=None,
+                claim_token=None,
+                finished_at=None,
+                lease_expires_at=now + timedelta(seconds=lease_s),
+                updated_at=now,
+            )
+            .returning(Study.id)
+        ).scalars()
+    )
+    record_event(
+        session,
+        user_id=user_id,
+        action="batch.rescreen",
+        target=f"batch:{batch_id}",
+        details={"studies": len(ids)},
+    )
+    return ids

@@ -1,0 +1,169 @@
+"""The retraining job: reviewed labels in, a gated candidate out. Called by the Celery task and `cxr retrain`.
+
+One run at a time (SQL lock with a lease, renewed every epoch). A crash leaves the serving model untouched:
+promotion is the last step, in the same transaction that closes the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+
+from store.config import Settings
+from store.db import session_scope
+from store.locks import release_lock, renew_lock
+from store.models_registry import promote, register_model_version, serving_version
+from store.retraining import RETRAIN_LOCK, finish_run, set_progress, start_run
+from store.reviews import reviewed_for_training
+from store.tables import Image, RunStatus
+
+log = logging.getLogger("cxr.retrain")
+
+
+@dataclass(frozen=True)
+class RetrainOutcome:
+    """What one call of run_retraining did."""
+
+    run_id: int | None
+    status: str  # "skipped" when another run holds the lock
+    reasons: list[str]
+    candidate_version: str | None = None
+
+
+def models_dir(settings: Settings) -> Path:
+    """Where immutable copies of model versions live (a volume shared by all workers in production)."""
+    return settings.data_dir / "models"
+
+
+def run_retraining(
+    settings: Settings, *, trigger: str, holder: str | None = None, shuffle_labels: bool = False
+) -> RetrainOutcome:
+    """Train a candidate on base + reviewed data, gate it against the serving model, promote or reject it."""
+    from model.retrain import GateMargins, ReviewedExample, gate, score_on_locked_set, train_candidate
+    from model.serve import DEFAULT_ARTIFACT_DIR
+
+    holder = holder or f"retrain-{uuid.uuid4().hex[:12]}"
+    url = settings.database_url
+    epochs_total = settings.retrain_epochs * len(settings.retrain_seeds)
+    with session_scope(url) as session:
+        current = serving_version(session)
+        run = start_run(
+            session,
+            holder=holder,
+            trigger=trigger,
+            lease_s=settings.retrain_lease_s,
+            epochs_total=epochs_total,
+            current_version_id=current.id if current else None,
+        )
+        if run is None:
+            return RetrainOutcome(None, "skipped", ["another retraining run holds the lock"])
+        run_id = run.id
+        current_path = Path(current.artifact_path) if current else None
+        reviewed = reviewed_for_training(session)
+        shas = {r.image_sha256 for r in reviewed}
+        blobs = dict(session.execute(select(Image.sha256, Image.data).where(Image.sha256.in_(shas))).all())
+    examples = [ReviewedExample(blobs[r.image_sha256], r.label, r.patient_key) for r in reviewed]
+    out_dir = models_dir(settings) / f"candidate-run{run_id}"
+
+    def on_epoch(epoch: int, total: int) -> None:
+        with session_scope(url) as s:
+            set_progress(s, run_id=run_id, epoch=epoch, epochs_total=total)
+            if not renew_lock(s, name=RETRAIN_LOCK, holder=holder, lease_s=settings.retrain_lease_s):
+                raise RuntimeError("the retraining lock was lost (lease expired); abandoning this run")
+
+    try:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        current_meta_arch = _arch_of(current_path or DEFAULT_ARTIFACT_DIR)
+        meta = train_candidate(
+            settings.retrain_base_data,
+            settings.retrain_split,
+            examples,
+            out_dir,
+            arch=current_meta_arch,
+            seeds=settings.retrain_seeds,
+            epochs=settings.retrain_epochs,
+            on_epoch=on_epoch,
+            shuffle_labels=shuffle_labels,
+            log=log.info,
+        )
+        cand = score_on_locked_set(out_dir, settings.retrain_base_data, settings.retrain_split)
+        cur = (
+            score_on_locked_set(current_path, settings.retrain_base_data, settings.retrain_split)
+            if current_path
+            else None
+        )
+        margins = GateMargins(
+            covid_sensitivity_lcb=settings.gate_sensitivity_margin,
+            macro_f1=settings.gate_f1_margin,
+            ece_max=settings.gate_ece_max,
+        )
+        passed, reasons = gate(cand, cur, margins)
+        # Immutable, versioned copy: workers load the promoted model from here.
+        final_dir = models_dir(settings) / meta["version"]
+        if not final_dir.exists():
+            shutil.copytree(out_dir, final_dir)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        from model.artifact import artifact_sha256
+
+        with session_scope(url) as session:
+            mv = register_model_version(
+                session,
+                version=meta["version"],
+                artifact_path=str(final_dir),
+                artifact_sha256=artifact_sha256(final_dir),
+                metrics={
+                    "locked_test": cand.as_dict(),
+                    "validation": meta["metrics"]["val"],
+                    "reviewed_images": meta["data"]["reviewed_images"],
+                },
+                card=(final_dir / "card.md").read_text(),
+                serve_if_none=False,
+            )
+            gate_report = {
+                "candidate": cand.as_dict(),
+                "serving": cur.as_dict() if cur else None,
+                "margins": margins.__dict__,
+                "passed": passed,
+            }
+            if passed:
+                promote(session, model_version=mv, user_id=None)
+            finish_run(
+                session,
+                run_id=run_id,
+                status=RunStatus.PROMOTED if passed else RunStatus.REJECTED,
+                reasons="; ".join(reasons),
+                gate=gate_report,
+                candidate_version_id=mv.id,
+                n_reviewed=len(examples),
+            )
+            release_lock(session, name=RETRAIN_LOCK, holder=holder)
+        status = "PROMOTED" if passed else "REJECTED"
+        log.info("retraining run %d %s: %s", run_id, status, "; ".join(reasons))
+        return RetrainOutcome(run_id, status, reasons, meta["version"])
+    except BaseException as exc:
+        log.exception("retraining run %d failed", run_id)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        reason = f"training failed ({type(exc).__name__}: {exc}); the serving model is unchanged"
+        with session_scope(url) as session:
+            finish_run(
+                session, run_id=run_id, status=RunStatus.FAILED, reasons=reason, n_reviewed=len(examples)
+            )
+            release_lock(session, name=RETRAIN_LOCK, holder=holder)
+        if isinstance(exc, Exception):
+            return RetrainOutcome(run_id, "FAILED", [reason])
+        raise
+
+
+def _arch_of(artifact_dir: Path) -> str:
+    from model.artifact import read_meta
+    from model.network import DEFAULT_ARCH
+
+    try:
+        return str(read_meta(artifact_dir).get("arch") or DEFAULT_ARCH)
+    except FileNotFoundError:
+        return DEFAULT_ARCH
