@@ -148,6 +148,7 @@ def train_network(
     out_dir: Path,
     *,
     progress: bool = True,
+    callbacks: list | None = None,
 ):
     """Train one network with one seed; save model.keras, history.json and curves.png in out_dir."""
     import keras
@@ -184,6 +185,7 @@ def train_network(
         aug = make_augmenter(cfg.seed)
         ds = ds.map(lambda x, y: (aug(x, training=True), y), num_parallel_calls=1)
     ds = ds.prefetch(2)
+    extra_callbacks = list(callbacks or [])  # e.g. the retraining job's per-epoch progress in SQL
     callbacks = [
         keras.callbacks.EarlyStopping(
             monitor="val_loss",
@@ -196,6 +198,7 @@ def train_network(
         callbacks.append(
             keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=3, min_lr=1e-5)
         )
+    callbacks.extend(extra_callbacks)
     if progress:
         callbacks.append(_progress_callback(cfg.epochs, steps, f"{cfg.arch} seed {cfg.seed}"))
     t0 = time.time()

@@ -123,11 +123,16 @@ def make_user(
         return user.id
 
 
-@pytest.fixture
-def shared_data() -> Path:
-    """../shared/data, or a skip when this checkout has no shared/ beside it."""
+def require_shared_data() -> None:
+    """Skip (or, under CI=true, fail) when ../shared/data is not beside this checkout."""
     if not (SHARED_DATA / "cxr" / "manifest.csv").exists():
         if IN_CI:
             pytest.fail(f"{SHARED_DATA} is missing and CI=true requires it")
         pytest.skip(f"{SHARED_DATA} is not present beside this checkout")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data, or a skip when this checkout has no shared/ beside it."""
+    require_shared_data()
     return SHARED_DATA
