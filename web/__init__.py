@@ -72,18 +72,20 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     login_manager.login_message = "Please sign in."
     login_manager.session_protection = "strong"
 
-    from web import admin, api, auth, batches, reports
+    from web import admin, api, auth, batches, registry, reports, review
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(batches.bp)
     app.register_blueprint(reports.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(review.bp)
+    app.register_blueprint(registry.bp)
     app.register_blueprint(api.bp)
     csrf.exempt(api.bp)  # bearer tokens, never cookies: CSRF does not apply
 
     @app.context_processor
     def _globals() -> dict[str, Any]:
-        return {"notice": reports.NOTICE}
+        return {"notice": reports.NOTICE, "review_roles": review.REVIEW_ROLES}
 
     @app.after_request
     def _security_headers(resp: Response) -> Response:

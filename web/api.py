@@ -8,12 +8,14 @@ from flask import Blueprint, abort, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
+from store.reviews import LABELS, ReviewError, review_study
 from store.studies import batch_progress, batches_visible_to, create_batch, get_batch_for
-from store.tables import Batch, User
+from store.tables import Batch, Study, User
 from store.users import user_for_token
 from web.batches import uploaded_files
 from web.db import get_db, get_settings
 from web.reports import NOTICE, batch_payload
+from web.review import NOTE_MAX, REVIEW_ROLES
 from web.uploads import ingest_files, start_batch, submit_batch
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -156,3 +158,37 @@ def progress(batch_id: int) -> Response:
 def results(batch_id: int) -> Response:
     """Every study with its prediction or error (same shape as the JSON export)."""
     return jsonify(batch_payload(get_db(), batch=_batch_or_404(batch_id)))
+
+
+@bp.post("/studies/<int:study_id>/review")
+def review(study_id: int) -> tuple[Response, int]:
+    """Confirm or correct a finished study's label (JSON {label, note}); reviewers and admins only."""
+    user = _user()
+    if user.role not in REVIEW_ROLES:
+        abort(403, description="only reviewers and admins may review studies")
+    db = get_db()
+    study = db.get(Study, study_id)
+    if study is None or get_batch_for(db, user=user, batch_id=study.batch_id) is None:
+        abort(404, description="no such study")
+    params = _params()
+    label, note = params.get("label"), params.get("note") or ""
+    if not isinstance(label, str) or label not in LABELS:
+        abort(400, description=f"label must be one of {', '.join(LABELS)}")
+    if not isinstance(note, str) or len(note) > NOTE_MAX:
+        abort(400, description=f"note must be text of at most {NOTE_MAX} characters")
+    try:
+        saved = review_study(db, study=study, reviewer=user, label=label, note=note)
+    except ReviewError as exc:
+        db.rollback()
+        abort(409, description=str(exc))
+    db.commit()
+    body = {
+        "study_id": study.id,
+        "review_id": saved.id,
+        "label": saved.label,
+        "agrees": saved.agrees,
+        "note": saved.note,
+        "reviewer": user.username,
+        "notice": NOTICE,
+    }
+    return jsonify(body), 201

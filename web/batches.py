@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, abort, flash, jsonify, redirect, render_template, request, url_for
 from flask_login import login_required
 from flask_wtf import FlaskForm
@@ -15,6 +17,7 @@ from store.studies import batch_progress, batches_visible_to, get_batch_for
 from store.tables import Study
 from web.auth import current_row
 from web.db import get_db, get_settings
+from web.registry import retraining_progress
 from web.uploads import submit_batch
 
 bp = Blueprint("batches", __name__)
@@ -51,7 +54,13 @@ def dashboard() -> str:
     db = get_db()
     batches = batches_visible_to(db, user=current_row())
     progress = batch_progress(db, batch_ids=[b.id for b in batches])
-    return render_template("dashboard.html", batches=batches, progress=progress, form=NewBatchForm())
+    return render_template(
+        "dashboard.html",
+        batches=batches,
+        progress=progress,
+        form=NewBatchForm(),
+        retraining=retraining_progress(db),
+    )
 
 
 @bp.route("/batches/new", methods=["GET", "POST"])
@@ -93,13 +102,16 @@ def new_batch() -> str | Response | tuple[str, int]:
 @bp.route("/batches/progress.json")
 @login_required
 def progress_many() -> Response:
-    """Progress of the requested batches (?ids=1,2,3) that the user may see."""
+    """Progress of the requested batches (?ids=1,2,3) the user may see; ?retraining=1 adds the active run."""
     db = get_db()
     user = current_row()
     wanted = [int(x) for x in request.args.get("ids", "").split(",") if x.strip().isdigit()][:200]
     visible = [b.id for b in (get_batch_for(db, user=user, batch_id=i) for i in wanted) if b is not None]
     progress = batch_progress(db, batch_ids=visible)
-    return jsonify({str(bid): p.as_dict() for bid, p in progress.items()})
+    body: dict[str, Any] = {str(bid): p.as_dict() for bid, p in progress.items()}
+    if request.args.get("retraining") == "1":
+        body["retraining"] = retraining_progress(db)
+    return jsonify(body)
 
 
 @bp.route("/batches/<int:batch_id>/progress.json")

@@ -25,27 +25,56 @@ async function fetchJson(url) {
   return resp.json();
 }
 
-// Dashboard: one request for every unfinished batch; stop when none is left.
-function pollDashboard(table) {
-  const pending = () => Array.from(table.querySelectorAll('tr[data-batch-id][data-finished="false"]'));
+function showRetraining(box, run) {
+  if (!box) return;
+  if (run) {
+    box.textContent = `Retraining: epoch ${run.epoch} of ${run.epochs_total}`;
+    box.hidden = false;
+    box.dataset.active = "true";
+  } else {
+    box.hidden = true;
+    box.textContent = "";
+    box.dataset.active = "false";
+  }
+}
+
+// Dashboard: one request for every unfinished batch (plus the retraining run in progress, if any);
+// stop when no batch is left running and no retraining runs.
+function pollDashboard(table, retrainBox) {
+  const pending = () =>
+    table ? Array.from(table.querySelectorAll('tr[data-batch-id][data-finished="false"]')) : [];
+  const retraining = () => retrainBox && retrainBox.dataset.active === "true";
+  const busy = () => pending().length > 0 || retraining();
   const tick = async () => {
     const rows = pending();
-    if (!rows.length) return;
+    if (!rows.length && !retraining()) return;
     const ids = rows.map((r) => r.dataset.batchId).join(",");
+    const base = retrainBox ? retrainBox.dataset.progressUrl : table.dataset.progressUrl;
+    const sep = base.includes("?") ? "&" : "?";
     try {
-      const data = await fetchJson(`${table.dataset.progressUrl}?ids=${ids}`);
+      const data = await fetchJson(`${base}${sep}ids=${ids}`);
       rows.forEach((row) => {
         const p = data[row.dataset.batchId];
         if (!p) return;
         sizeBar(row, p);
         if (p.finished) row.dataset.finished = "true";
       });
+      if (retrainBox && "retraining" in data) showRetraining(retrainBox, data.retraining);
     } catch (err) {
       console.warn("progress poll failed", err);
     }
-    if (pending().length) setTimeout(tick, POLL_MS);
+    if (busy()) setTimeout(tick, POLL_MS);
   };
-  if (pending().length) setTimeout(tick, POLL_MS);
+  if (busy()) setTimeout(tick, POLL_MS);
+}
+
+// Forms with data-confirm (promote, retrain, re-screen) ask before they are sent.
+function confirmForms() {
+  document.querySelectorAll("form[data-confirm]").forEach((form) => {
+    form.addEventListener("submit", (ev) => {
+      if (!window.confirm(form.dataset.confirm)) ev.preventDefault();
+    });
+  });
 }
 
 // Report: poll the batch; reload once it has finished so the rows show the predictions.
@@ -91,7 +120,9 @@ function sortable(table) {
 document.addEventListener("DOMContentLoaded", () => {
   initialSizes();
   const dash = document.getElementById("batches");
-  if (dash) pollDashboard(dash);
+  const retrainBox = document.getElementById("retraining");
+  if (dash || retrainBox) pollDashboard(dash, retrainBox);
+  confirmForms();
   const report = document.getElementById("report-progress");
   if (report) pollReport(report);
   document.querySelectorAll("table.sortable").forEach(sortable);

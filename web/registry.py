@@ -1,0 +1,224 @@
+"""Model registry page: versions with metrics and cards, promotions, retraining runs; admins act."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+from flask import Blueprint, abort, flash, redirect, render_template, url_for
+from flask_login import current_user, login_required
+from flask_wtf import FlaskForm
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from werkzeug.wrappers import Response
+
+from store.models_registry import list_versions, promote, serving_version
+from store.retraining import active_run, list_runs
+from store.tables import AuditEvent, ModelVersion, RetrainRun, User
+from web.admin import admin_required
+from web.auth import current_row
+from web.db import get_db
+from web.review import REVIEW_ROLES
+
+bp = Blueprint("registry", __name__)
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+PROMOTE_ACTION = "model.promote"
+# Metric names worth a headline, in display order; everything else is under "all metrics".
+HEADLINE_KEYS = (
+    "macro_f1",
+    "covid_sensitivity",
+    "covid_sensitivity_lcb",
+    "covid_specificity",
+    "auroc_macro",
+    "accuracy",
+    "ece",
+)
+MAX_METRICS = 200
+
+
+def reviewer_required(view: F) -> F:
+    """Signed in as a reviewer or an administrator, else 403."""
+
+    @wraps(view)
+    @login_required
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if current_row().role not in REVIEW_ROLES:
+            abort(403)
+        return view(*args, **kwargs)
+
+    return wrapped  # type: ignore[return-value]
+
+
+class ActionForm(FlaskForm):
+    """An empty form: promotions and retraining are CSRF-checked POSTs."""
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1e6 else f"{value:.3g}"
+    if isinstance(value, list | tuple):
+        # Confidence intervals and the like: short lists of numbers read well inline.
+        if len(value) <= 4 and all(isinstance(v, int | float) for v in value):
+            return "[" + ", ".join(_fmt(v) for v in value) + "]"
+        return f"({len(value)} values)"
+    return str(value)[:200]
+
+
+def flatten_metrics(metrics: object, prefix: str = "", depth: int = 0) -> list[tuple[str, str]]:
+    """(dotted.key, formatted value) for every leaf of a possibly nested metrics dict, capped."""
+    if not isinstance(metrics, dict):
+        return [(prefix or "value", _fmt(metrics))] if metrics not in (None, {}) else []
+    out: list[tuple[str, str]] = []
+    for key, value in metrics.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and depth < 4:
+            out.extend(flatten_metrics(value, name, depth + 1))
+        else:
+            out.append((name, _fmt(value)))
+        if len(out) >= MAX_METRICS:
+            break
+    return out[:MAX_METRICS]
+
+
+def headline_metrics(metrics: object) -> list[tuple[str, str]]:
+    """The few numbers that matter (macro-F1, COVID-19 sensitivity, ECE, ...), grouped by section."""
+    rank = {k: i for i, k in enumerate(HEADLINE_KEYS)}
+    top = metrics if isinstance(metrics, dict) else {}
+    sections: list[str] = []
+    picked: list[tuple[str, str]] = []
+    for key, value in flatten_metrics(metrics):
+        section, _, name = key.rpartition(".")
+        raw = top.get(key)
+        # Named headline metrics at any depth, and plain top-level counts (e.g. reviewed_images).
+        plain_number = not section and isinstance(raw, int | float) and not isinstance(raw, bool)
+        if name in rank or plain_number:
+            if section not in sections:
+                sections.append(section)
+            picked.append((key, value))
+
+    def order(kv: tuple[str, str]) -> tuple[int, int]:
+        section, _, name = kv[0].rpartition(".")
+        return sections.index(section), rank.get(name, len(rank))
+
+    return sorted(picked, key=order)
+
+
+def promotion_history(session: Session, *, limit: int = 100) -> list[dict[str, Any]]:
+    """Audit events of promotions (by hand or by a retraining run), newest first."""
+    rows = session.execute(
+        select(AuditEvent, User.username)
+        .outerjoin(User, User.id == AuditEvent.user_id)
+        .where(AuditEvent.action == PROMOTE_ACTION)
+        .order_by(AuditEvent.id.desc())
+        .limit(limit)
+    ).all()
+    return [
+        {
+            "at": ev.at,
+            "version": ev.target.removeprefix("model:"),
+            "by": username or "system (retraining or first start)",
+        }
+        for ev, username in rows
+    ]
+
+
+def run_dict(run: RetrainRun, versions: dict[int, str]) -> dict[str, Any]:
+    """A retraining run for display and JSON."""
+    return {
+        "id": run.id,
+        "trigger": run.trigger,
+        "status": run.status.value,
+        "epoch": run.epoch,
+        "epochs_total": run.epochs_total,
+        "n_reviewed": run.n_reviewed,
+        "started_at": run.started_at.isoformat() if run.started_at else None,
+        "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+        "candidate_version": versions.get(run.candidate_version_id) if run.candidate_version_id else None,
+        "current_version": versions.get(run.current_version_id) if run.current_version_id else None,
+        "reasons": run.reasons or "",
+    }
+
+
+def retraining_progress(session: Session) -> dict[str, Any] | None:
+    """The run in progress as {run_id, epoch, epochs_total, trigger, started_at}, or None."""
+    run = active_run(session)
+    if run is None:
+        return None
+    return {
+        "run_id": run.id,
+        "epoch": run.epoch,
+        "epochs_total": run.epochs_total,
+        "trigger": run.trigger,
+        "started_at": run.started_at.isoformat() if run.started_at else None,
+    }
+
+
+@bp.route("/models")
+@reviewer_required
+def models() -> str:
+    """Every model version with metrics and card, which one serves, promotions and retraining runs."""
+    db = get_db()
+    versions = list_versions(db)
+    names = {mv.id: mv.version for mv in versions}
+    return render_template(
+        "models.html",
+        versions=[
+            {"mv": mv, "headline": headline_metrics(mv.metrics), "metrics": flatten_metrics(mv.metrics)}
+            for mv in versions
+        ],
+        serving=serving_version(db),
+        history=promotion_history(db),
+        runs=[run_dict(r, names) for r in list_runs(db, limit=20)],
+        active=retraining_progress(db),
+        is_admin=current_user.is_admin,
+    )
+
+
+@bp.route("/models/<int:version_id>/promote", methods=["POST"])
+@admin_required
+def promote_version(version_id: int) -> Response:
+    """Make this version the serving one (a rollback when it is older); recorded in the audit trail."""
+    if not ActionForm().validate_on_submit():
+        abort(400)
+    db = get_db()
+    mv = db.get(ModelVersion, version_id)
+    if mv is None:
+        abort(404, description="No such model version.")
+    if mv.is_serving:
+        flash(f"Model {mv.version} is already serving.", "info")
+        return redirect(url_for("registry.models"))
+    previous = serving_version(db)
+    promote(db, model_version=mv, user_id=current_row().id)
+    db.commit()
+    was = f" (was {previous.version})" if previous else ""
+    flash(f"Model {mv.version} now serves{was}; workers switch at their next chunk.", "info")
+    return redirect(url_for("registry.models"))
+
+
+@bp.route("/models/retrain", methods=["POST"])
+@admin_required
+def retrain() -> Response:
+    """Ask for a retraining run now; the task takes the SQL lock itself, so nothing is written here."""
+    if not ActionForm().validate_on_submit():
+        abort(400)
+    try:
+        from worker import app as worker_app  # Celery only, never TensorFlow
+
+        worker_app.send_retrain("admin")
+    except Exception as exc:  # noqa: BLE001 - the page must say the request did not go out
+        log.exception("sending the retraining task failed")
+        flash(f"The retraining request could not be queued ({type(exc).__name__}); try again later.", "error")
+        return redirect(url_for("registry.models"))
+    flash(
+        "Retraining requested. It runs on the training queue; if a run is already in progress this request "
+        "does nothing. Progress shows here and on the dashboard.",
+        "info",
+    )
+    return redirect(url_for("registry.models"))
