@@ -46,7 +46,12 @@ def split_command(data: Path, out: Path, seed: int, force: bool) -> None:
 
 @model_group.command("train")
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=DEFAULT_DATA)
-@click.option("--arch", default="cxr_s", show_default=True, help="cxr_s | cxr_m | cxr_sep | tiny | baseline")
+@click.option(
+    "--arch",
+    default="cxr_slim",
+    show_default=True,
+    help="cxr_slim | cxr_s | cxr_m | cxr_sep | tiny | baseline",
+)
 @click.option(
     "--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds, one ensemble member each."
 )
@@ -252,3 +257,24 @@ def predict_command(paths: tuple[Path, ...], fmt: str, model_dir: Path | None) -
         sys.stdout.flush()
     if all(r["label"] == "error" for r in rows):
         sys.exit(1)
+
+
+@model_group.command("ablate-contrast")
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=DEFAULT_DATA)
+@click.option("--arch", default="tiny", show_default=True)
+@click.option("--seeds", default="1,2", show_default=True)
+@click.option("--epochs", type=int, default=20, show_default=True)
+def ablate_contrast_command(data: Path, arch: str, seeds: str, epochs: int) -> None:
+    """Measure the contrast stretch: train with and without it, print validation scores (never test)."""
+    from model.ablation import contrast_ablation
+
+    rows = contrast_ablation(
+        data, arch=arch, seeds=tuple(int(s) for s in seeds.split(",")), epochs=epochs, log=lambda r: None
+    )
+    click.echo("| contrast stretch | seed | val accuracy | val macro-F1 | val NLL | val ECE |")
+    click.echo("|---|---|---|---|---|---|")
+    for r in rows:
+        click.echo(
+            f"| {'on' if r['contrast_stretch'] else 'off'} | {r['seed']} | {r['val_accuracy']:.3f} | "
+            f"{r['val_macro_f1']:.3f} | {r['val_nll']:.3f} | {r['val_ece']:.3f} |"
+        )

@@ -59,7 +59,9 @@ def build_ensemble(members: list, temperature: float, *, probs_output: bool):
     shape = tuple(members[0].input_shape[1:])
     inp = keras.Input(shape=shape, name="image")
     zs = []
-    for i, m in enumerate(members):
+    for i, member in enumerate(members):
+        m = member.__class__.from_config(member.get_config())  # no optimizer state: keeps the file small
+        m.set_weights(member.get_weights())
         m.name = f"member_{i}"
         z = m(inp)
         if probs_output:

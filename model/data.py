@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from model import CLASSES, DEFAULT_SPLIT, REPO_ROOT
-from model.preprocess import PREPROCESS_VERSION, prepare
+from model.preprocess import PREPROCESS_VERSION, decode_image, preprocess
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 SPLITS = ("train", "val", "test")
@@ -160,18 +160,24 @@ def cache_dir() -> Path:
     return REPO_ROOT / "runs" / "cache"
 
 
-def load_arrays(root: Path, records: list[Record], size: int, *, cache: bool = True) -> np.ndarray:
+def load_arrays(
+    root: Path, records: list[Record], size: int, *, cache: bool = True, contrast: bool = False
+) -> np.ndarray:
     """Preprocessed float32 (N, size, size, 1) arrays for the records, cached as .npy under runs/cache."""
     root = Path(root)
     key = hashlib.sha256(
-        ("\n".join(r.file for r in records) + f"|{size}|{PREPROCESS_VERSION}|{root.resolve()}").encode()
+        (
+            "\n".join(r.file for r in records)
+            + f"|{size}|{PREPROCESS_VERSION}|{root.resolve()}"
+            + ("|contrast" if contrast else "")
+        ).encode()
     ).hexdigest()[:16]
     path = cache_dir() / f"x_{size}_{key}.npy"
     if cache and path.exists():
         return np.load(path)
     x = np.zeros((len(records), size, size, 1), dtype=np.float32)
     for i, r in enumerate(records):
-        x[i] = prepare((root / r.file).read_bytes(), size)
+        x[i] = preprocess(decode_image((root / r.file).read_bytes()), size, contrast=contrast)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")

@@ -190,6 +190,35 @@ def _per_source_rows(
     return rows
 
 
+def _gradcam_grid(data: Path, records: list, artifact_dir: Path, path: Path, per_source: int = 2) -> None:
+    """A grid of Grad-CAM overlays for a few test images of the redistributable sources."""
+    import cv2
+
+    from model.explain import gradcam_png
+    from model.serve import Predictor
+
+    plt = _plt()
+    picks = []
+    for src in ("mlwg", "nih", "kermany"):
+        for label in CLASSES:
+            picks += [r for r in records if r.source == src and r.label == label][:1]
+    picks = picks[: 3 * per_source]
+    predictor = Predictor(artifact_dir)
+    fig, axes = plt.subplots(1, len(picks), figsize=(2.6 * len(picks), 3.0))
+    for ax, r in zip(np.atleast_1d(axes), picks, strict=False):
+        data_bytes = (Path(data) / r.file).read_bytes()
+        res = predictor.predict_bytes([data_bytes])[0]
+        png = gradcam_png(artifact_dir, data_bytes)
+        img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+        ax.imshow(img)
+        p = getattr(res, f"p_{res.label}")
+        ax.set_title(f"{r.source}: {r.label} -> {res.label} ({p:.2f})", fontsize=7)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def evaluate_report(
     data: Path, model_dir: Path, baseline_dir: Path | None, split_path: Path, out: Path
 ) -> Path:
@@ -388,6 +417,17 @@ def evaluate_report(
                 f"| {fname} | {sname} | {r['n']} | {', '.join(r['sources'])} | {r['accuracy']:.3f} | "
                 f"{r['chance']:.3f} | {r['balanced_accuracy']:.3f} | {r['balanced_chance']:.3f} |"
             )
+
+    _gradcam_grid(data, split["test"], Path(model_dir), out / "gradcam.png")
+    lines += [
+        "",
+        "## Grad-CAM (ours)",
+        "",
+        "Test images from the redistributable sources only (mlwg, nih, kermany); title: true label -> "
+        "predicted label (probability). Red = regions that raised the predicted class.",
+        "",
+        "![gradcam](gradcam.png)",
+    ]
 
     lines += ["", "## Training curves", ""]
     for n, ev in evs.items():

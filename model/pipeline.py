@@ -31,7 +31,7 @@ def train_and_export(
     data: Path,
     out: Path,
     *,
-    arch: str = "cxr_s",
+    arch: str = "cxr_slim",
     seeds: tuple[int, ...] = (1, 2, 3),
     epochs: int = 40,
     split_path: Path = DEFAULT_SPLIT,
@@ -64,7 +64,11 @@ def train_and_export(
         cfg = TrainConfig(arch=arch, seed=seed, epochs=epochs)
         if reuse and (mdir / "model.keras").exists() and (mdir / "history.json").exists():
             hist = json.loads((mdir / "history.json").read_text())
-            if hist["config"]["epochs"] == epochs and hist.get("split_sha256") == sha256_file(split_path):
+            if (
+                hist["config"]["epochs"] == epochs
+                and hist.get("split_sha256") == sha256_file(split_path)
+                and hist.get("preprocess_version") == PREPROCESS_VERSION
+            ):
                 log(f"reusing {mdir}")
                 members.append(keras.saving.load_model(mdir / "model.keras", compile=False))
                 member_info.append(hist)
@@ -72,6 +76,7 @@ def train_and_export(
         model = train_network(cfg, xs["train"], ys["train"], xs["val"], ys["val"], mdir, progress=progress)
         hist = json.loads((mdir / "history.json").read_text())
         hist["split_sha256"] = sha256_file(split_path)
+        hist["preprocess_version"] = PREPROCESS_VERSION
         (mdir / "history.json").write_text(json.dumps(hist, indent=1))
         members.append(model)
         member_info.append(hist)
@@ -173,7 +178,7 @@ trained from scratch. Output: calibrated probabilities (temperature {meta["tempe
 validation split) in class order {", ".join(meta["classes"])}; served as TFLite through the LiteRT
 interpreter.
 Preprocessing `{meta["preprocess_version"]}`: decode (DICOM with modality LUT, VOI window, MONOCHROME1
-inverted), grayscale, resize keeping the aspect ratio, 1st-99th percentile contrast stretch, zero padding.
+inverted), grayscale, resize keeping the aspect ratio, zero padding (no contrast stretch).
 
 **Triage bands** (thresholds chosen on validation only): {"; ".join(meta["triage_rules"])}.
 Thresholds: {json.dumps(meta["thresholds"])}.

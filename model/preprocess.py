@@ -2,9 +2,8 @@
 
 Pipeline: bytes -> `decode_image` (PNG 8/16-bit, JPEG, DICOM with modality LUT, VOI LUT / window and
 MONOCHROME1 inversion; a pixel cap checked from the headers before any pixel is decoded) -> 2-D float32 in
-[0, 1], bone bright
--> `preprocess` (resize keeping the aspect ratio, robust per-image contrast stretch, zero padding to a square)
--> float32 (size, size, 1).
+[0, 1], bone bright -> `preprocess` (resize keeping the aspect ratio, zero padding to a square; no contrast
+stretch: it did not measurably help) -> float32 (size, size, 1).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(2**30))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-PREPROCESS_VERSION = "pp1-gray-pad-p1p99"
+PREPROCESS_VERSION = "pp2-gray-pad"
 DEFAULT_MAX_PIXELS = 50_000_000
 _STRETCH_PERCENTILES = (1.0, 99.0)
 
@@ -255,14 +254,20 @@ def _stretch(img: np.ndarray) -> np.ndarray:
     return np.clip((img - lo) / (hi - lo), 0.0, 1.0)
 
 
-def preprocess(gray: np.ndarray, size: int) -> np.ndarray:
-    """Resize keeping aspect ratio, stretch contrast (1st-99th percentile), zero-pad to (size, size, 1)."""
+def preprocess(gray: np.ndarray, size: int, *, contrast: bool = False) -> np.ndarray:
+    """Resize keeping the aspect ratio and zero-pad to (size, size, 1) float32 in [0, 1]; deterministic.
+
+    `contrast=True` (a 1st-99th percentile stretch) exists only for the ablation that measured it: it did not
+    measurably help (docs/model.md), so training, evaluation and serving all use the default.
+    """
     gray = np.asarray(gray, dtype=np.float32)
     if gray.ndim == 3 and gray.shape[2] == 1:
         gray = gray[:, :, 0]
     if gray.ndim != 2:
         raise ValueError(f"preprocess expects a 2-D grayscale image, got shape {gray.shape}")
-    fitted = _stretch(_fit(gray, size))
+    fitted = _fit(gray, size)
+    if contrast:
+        fitted = _stretch(fitted)
     out = np.zeros((size, size), dtype=np.float32)
     h, w = fitted.shape
     top, left = (size - h) // 2, (size - w) // 2

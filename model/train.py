@@ -29,7 +29,7 @@ def configure_tf(threads: int | None = None) -> None:
 class TrainConfig:
     """Hyper-parameters of one training run."""
 
-    arch: str = "cxr_s"  # or "baseline"
+    arch: str = "cxr_slim"  # or "baseline"
     seed: int = 1
     epochs: int = 40
     batch_size: int = 32
@@ -42,6 +42,7 @@ class TrainConfig:
     class_weights: bool = True
     schedule: str = "cosine"  # "cosine" (warm-up + cosine decay over `epochs`) or "plateau"
     weight_decay: float = 1e-4
+    ema: float = 0.99  # Polyak averaging of weights per step; validation and the saved model use the average
     extra: dict = field(default_factory=dict)
 
 
@@ -172,7 +173,9 @@ def train_network(
     else:
         lr = cfg.lr
     model.compile(
-        optimizer=keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay),
+        optimizer=keras.optimizers.AdamW(
+            lr, weight_decay=cfg.weight_decay, use_ema=cfg.ema > 0, ema_momentum=cfg.ema or 0.99
+        ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),
         metrics=["accuracy"],
     )
@@ -186,7 +189,8 @@ def train_network(
         ds = ds.map(lambda x, y: (aug(x, training=True), y), num_parallel_calls=1)
     ds = ds.prefetch(2)
     extra_callbacks = list(callbacks or [])  # e.g. the retraining job's per-epoch progress in SQL
-    callbacks = [
+    callbacks = [] if cfg.ema <= 0 else [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)]
+    callbacks += [
         keras.callbacks.EarlyStopping(
             monitor="val_loss",
             patience=cfg.patience,
@@ -212,7 +216,11 @@ def train_network(
         verbose=0,
     )
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
-    best = int(np.argmin(history["val_loss"]))
+    vl = history["val_loss"]
+    start = (
+        cfg.min_epochs if len(vl) > cfg.min_epochs else 0
+    )  # EarlyStopping only tracks epochs >= min_epochs
+    best = start + int(np.argmin(vl[start:]))
     model.save(out_dir / "model.keras")
     info = {
         "config": asdict(cfg),

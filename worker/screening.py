@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -25,10 +26,10 @@ from sqlalchemy.orm import Session
 
 from store.config import Settings
 from store.db import session_scope
-from store.models_registry import register_model_version
+from store.models_registry import register_model_version, serving_version
 from store.studies import (
     claim_studies,
-    complete_study,
+    complete_studies,
     fail_study,
     load_image_bytes,
     reconcile,
@@ -71,16 +72,16 @@ _predictors: dict[tuple[int, str], Any] = {}
 _version_ids: dict[tuple[int, str, str], int] = {}
 
 
-def get_predictor(settings: Settings) -> Any:
-    """The predictor of this process, loaded on first use (TensorFlow is imported here, never at import)."""
-    key = (os.getpid(), str(settings.model_dir or ""))
+def load_artifact(artifact_dir: Path | None) -> Any:
+    """The predictor of an artifact folder (None: the committed default), loaded once per process."""
+    from model.serve import load_predictor  # the interpreter is imported here, never at import time
+
+    key = (os.getpid(), str(artifact_dir or ""))
     with _lock:
         predictor = _predictors.get(key)
         if predictor is None:
-            from model.serve import load_predictor
-
             started = time.perf_counter()
-            predictor = load_predictor(settings.model_dir)
+            predictor = load_predictor(artifact_dir)
             _predictors[key] = predictor
             log.info(
                 "model %s loaded from %s in %.1f s (pid %d)",
@@ -90,6 +91,11 @@ def get_predictor(settings: Settings) -> Any:
                 os.getpid(),
             )
         return predictor
+
+
+def get_predictor(settings: Settings) -> Any:
+    """The configured model (CXR_MODEL_DIR, else the committed default) of this process."""
+    return load_artifact(settings.model_dir)
 
 
 def model_version_id(database_url: str, predictor: Any) -> int:
@@ -127,8 +133,40 @@ def model_version_id(database_url: str, predictor: Any) -> int:
     return mv_id
 
 
+def _serving_row(database_url: str) -> tuple[int, str, str] | None:
+    """(id, version, artifact path) of the serving version, or None when the registry is empty."""
+    with session_scope(database_url) as session:
+        mv = serving_version(session)
+        return (mv.id, mv.version, mv.artifact_path) if mv is not None else None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s; using the configured model and recording its own version", message)
+
+
 def serving_model(settings: Settings) -> ServingModel:
-    """Load (once per process) the model and make sure its version is registered in this database."""
+    """The model to use now: the registry's serving version, else the configured one (then registered).
+
+    Read for every chunk (one small query), so a promotion takes effect at the next chunk without a
+    restart; each artifact is loaded once per process. An empty registry is seeded with the configured
+    model (CXR_MODEL_DIR or the committed default). If the serving artifact is not on this host, the
+    configured model is used and its own version is recorded with each prediction, never the other's.
+    """
+    serving = _serving_row(settings.database_url)
+    if serving is not None:
+        mv_id, version, path = serving
+        if Path(path, "meta.json").exists():
+            predictor = load_artifact(Path(path))
+            if predictor.version == version:
+                return ServingModel(predictor, mv_id, version)
+            _warn_once(f"the artifact at {path} is now {predictor.version}, the registry serves {version}")
+        else:
+            _warn_once(f"serving model {version} has no artifact at {path} on this host")
     predictor = get_predictor(settings)
     return ServingModel(predictor, model_version_id(settings.database_url, predictor), predictor.version)
 
@@ -235,29 +273,32 @@ def _record(
 ) -> None:
     from model.preprocess import ImageDecodeError
 
+    predicted: list[dict[str, Any]] = []
     for sid, result in zip(study_ids, results, strict=True):
-        if isinstance(result, ImageDecodeError):
-            if fail_study(session, study_id=sid, token=token, reason=str(result)):
-                outcome.failed.append(sid)
-        elif isinstance(result, BaseException):
-            reason = INTERNAL_ERROR_REASON.format(kind=type(result).__name__)
+        if isinstance(result, BaseException):
+            reason = (
+                str(result)
+                if isinstance(result, ImageDecodeError)
+                else INTERNAL_ERROR_REASON.format(kind=type(result).__name__)
+            )
             if fail_study(session, study_id=sid, token=token, reason=reason):
                 outcome.failed.append(sid)
         else:
-            ok = complete_study(
-                session,
-                study_id=sid,
-                token=token,
-                model_version_id=model.model_version_id,
-                label=str(result.label),
-                p_covid=float(result.p_covid),
-                p_normal=float(result.p_normal),
-                p_pneumonia=float(result.p_pneumonia),
-                triage=str(result.triage),
-                elapsed_ms=elapsed_ms,
+            predicted.append(
+                {
+                    "study_id": sid,
+                    "label": result.label,
+                    "p_covid": result.p_covid,
+                    "p_normal": result.p_normal,
+                    "p_pneumonia": result.p_pneumonia,
+                    "triage": result.triage,
+                    "elapsed_ms": elapsed_ms,
+                }
             )
-            if ok:
-                outcome.done.append(sid)
+    # One UPDATE and one INSERT for the whole chunk: per-study round trips cost a third of the time.
+    outcome.done += complete_studies(
+        session, token=token, model_version_id=model.model_version_id, results=predicted
+    )
 
 
 def run_screen_task(

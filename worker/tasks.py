@@ -6,10 +6,16 @@ import logging
 import os
 from collections.abc import Sequence
 
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_ready
 
-from store.db import dispose_all
-from worker.app import RECONCILE_TASK, SCREEN_TASK, celery_app, send_screen_chunks
+from worker.app import (
+    INFERENCE_QUEUE,
+    RECONCILE_TASK,
+    RETRAIN_TASK,
+    SCREEN_TASK,
+    celery_app,
+    send_screen_chunks,
+)
 from worker.screening import reconcile_once, run_screen_task, serving_model
 
 log = logging.getLogger("cxr.worker")
@@ -36,10 +42,32 @@ def _check_model_artifact(**_kwargs: object) -> None:
 
 @worker_process_init.connect
 def _load_model_in_child(**_kwargs: object) -> None:
-    """In each forked pool process: drop inherited DB connections, then load the model once."""
-    dispose_all()
-    settings = celery_app.cxr_settings  # type: ignore[attr-defined]
-    model = serving_model(settings)
+    """In each forked pool process: load the model once (never in the parent, before the fork).
+
+    Inherited DB connections are not reused: store.db.get_engine keys its engines by pid, so this process
+    opens its own pool on first use (and does not close the parent's sockets).
+    """
+    _warm_up()
+
+
+@worker_ready.connect
+def _load_model_in_solo_worker(sender: object = None, **_kwargs: object) -> None:
+    """The solo pool runs tasks in the main process (no fork, no worker_process_init): warm up there."""
+    from celery.concurrency.solo import TaskPool as SoloPool
+
+    if isinstance(getattr(sender, "pool", None), SoloPool):
+        _warm_up()
+
+
+def _warm_up() -> None:
+    if INFERENCE_QUEUE not in celery_app.amqp.queues.consume_from:
+        return  # a training-only worker (-Q training) has no use for the serving model
+    try:
+        model = serving_model(celery_app.cxr_settings)  # type: ignore[attr-defined]
+    except Exception:
+        # E.g. the database is not up yet: the first task loads it again (and fails loudly if it still can't).
+        log.exception("model warm-up failed; the first task will retry")
+        return
     # Tests and `cxr run` wait for this line: the process can now answer at full speed.
     log.warning(
         "%s (pid %d, model %s, model_version_id %d)",
@@ -62,3 +90,23 @@ def screen_chunk_task(self, study_ids: list[int]) -> dict[str, int]:  # noqa: AN
 def reconcile_task() -> int:
     """Requeue studies left in QUEUED or RUNNING after their lease ran out."""
     return len(reconcile_once(celery_app.cxr_settings, enqueue=_enqueue))  # type: ignore[attr-defined]
+
+
+_settings = celery_app.cxr_settings  # type: ignore[attr-defined]
+
+
+@celery_app.task(
+    name=RETRAIN_TASK,
+    bind=True,
+    # Acknowledged on receipt: a training run that kills its process is not redelivered in a loop; its
+    # lock's lease runs out and the next scheduled (or requested) run starts afresh.
+    acks_late=False,
+    time_limit=_settings.retrain_time_limit_s,
+    soft_time_limit=max(60, _settings.retrain_time_limit_s - 60),
+)
+def retrain_task(self, trigger: str = "schedule") -> dict[str, object]:  # noqa: ANN001
+    """One retraining run (worker.retrain): train, gate against the serving model, promote or reject."""
+    from worker.retrain import run_retraining
+
+    outcome = run_retraining(_settings, trigger=trigger, holder=self.request.id)
+    return {"run_id": outcome.run_id, "status": outcome.status, "reasons": outcome.reasons}

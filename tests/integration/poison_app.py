@@ -16,7 +16,10 @@ import worker.screening as screening
 from worker.app import celery_app  # noqa: F401 - `celery -A` finds the app here
 
 POISON_SHA256 = os.environ["TEST_POISON_SHA256"]
-_real_get_predictor = screening.get_predictor
+# How long the parent waits for a result from a child that died (default 10 s): nothing comes from a
+# SIGKILLed child, so the test need not wait; the requeue path is the same.
+celery_app.conf.worker_lost_wait = 1.0
+_real_load_artifact = screening.load_artifact
 
 
 class _DiesOnPoison:
@@ -34,8 +37,8 @@ class _DiesOnPoison:
         return self._inner.predict_bytes(items, **kwargs)
 
 
-def _get_predictor(settings: Any) -> Any:
-    return _DiesOnPoison(_real_get_predictor(settings))
+def _load_artifact(artifact_dir: Any) -> Any:
+    return _DiesOnPoison(_real_load_artifact(artifact_dir))
 
 
-screening.get_predictor = _get_predictor
+screening.load_artifact = _load_artifact

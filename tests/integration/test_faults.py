@@ -43,15 +43,15 @@ def test_sigkill_mid_batch_then_new_worker_and_reconciler(
         data_dir,
         database_url=url,
         broker_url=broker,
-        chunk_size=4,
+        chunk_size=8,
         # Short leases so the reconciler takes over the dead worker's studies within seconds.
-        running_lease_s=4,
-        queued_lease_s=8,
+        running_lease_s=5,
+        queued_lease_s=10,
         reconcile_every_s=2,
     )
     app = make_celery(settings_from_env(env), set_as_current=False)
-    images = sample_images(32)
-    batch_id, ids = make_batch(url, images, lease_s=8)
+    images = sample_images(40)
+    batch_id, ids = make_batch(url, images, lease_s=10)
 
     first = start_worker(env)
     procs.append(first)
@@ -59,9 +59,10 @@ def test_sigkill_mid_batch_then_new_worker_and_reconciler(
 
     def mid_batch() -> bool:
         p = progress(url, batch_id)
-        return p.done >= 4 and p.running > 0
+        return p.done >= 8 and p.running > 0
 
-    wait_for(mid_batch, 120, interval=0.02, message="the first worker to be in the middle of the batch")
+    # Polled every 10 ms: the kill lands early in a chunk's run (tens of ms of inference), not after it.
+    wait_for(mid_batch, 120, interval=0.01, message="the first worker to be in the middle of the batch")
     kill(first)
     at_kill = progress(url, batch_id)
     assert not at_kill.finished and at_kill.running > 0, at_kill
@@ -69,32 +70,33 @@ def test_sigkill_mid_batch_then_new_worker_and_reconciler(
     procs.append(start_worker(env))
     procs.append(start_beat(env))
     done = wait_for(lambda: finished(url, batch_id), 180, message="the batch to finish after the kill")
-    assert (done.done, done.failed) == (len(ids), 0), log_tail(procs[-2])
+    assert (done.done, done.failed) == (len(ids), 0), (outcome(url, batch_id), log_tail(procs[-2]))
     assert_done_exactly_once(url, ids)
     retried = [sid for sid, st in outcome(url, batch_id).items() if st[2] > 1]
     assert retried, "the studies the killed worker held were delivered again"
 
 
 def test_poison_study_fails_after_max_deliveries_others_done(
-    data_dir: Path, procs: list, sqlite_url: str
+    data_dir: Path, procs: list, stack: tuple[str, str | None]
 ) -> None:
     """A study whose worker process dies every time ends FAILED after N deliveries; its chunk-mates DONE."""
+    url, broker = stack
     images = sample_images(4)
     poison = images[2][1]
-    env = service_env(data_dir, database_url=sqlite_url, chunk_size=4, max_attempts=2)
+    env = service_env(data_dir, database_url=url, broker_url=broker, chunk_size=4, max_attempts=2)
     env["TEST_POISON_SHA256"] = hashlib.sha256(poison).hexdigest()
     app = make_celery(settings_from_env(env), set_as_current=False)
-    batch_id, ids = make_batch(sqlite_url, images)
+    batch_id, ids = make_batch(url, images)
 
     worker = start_worker(env, app="tests.integration.poison_app")
     procs.append(worker)
     started = time.monotonic()
     send_screen_chunks(ids, app=app)
-    result = wait_for(lambda: finished(sqlite_url, batch_id), 180, message="the poisoned batch to finish")
+    result = wait_for(lambda: finished(url, batch_id), 180, message="the poisoned batch to finish")
     assert (result.done, result.failed) == (3, 1), log_tail(worker)
 
-    states = outcome(sqlite_url, batch_id)
+    states = outcome(url, batch_id)
     assert states[ids[2]][:3] == (StudyStatus.FAILED, out_of_attempts_reason(2), 2)
-    assert_done_exactly_once(sqlite_url, [i for i in ids if i != ids[2]])
+    assert_done_exactly_once(url, [i for i in ids if i != ids[2]])
     assert worker.poll() is None, "the worker itself survives its pool processes dying"
     assert time.monotonic() - started < 180

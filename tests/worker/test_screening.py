@@ -160,3 +160,35 @@ def test_reconcile_once_commits_then_enqueues(seeded: Seeded) -> None:
     send = _Recorder()
     assert reconcile_once(_settings(seeded.url), enqueue=send) == seeded.study_ids
     assert send.sent == [seeded.study_ids]
+
+
+def test_worker_follows_a_promoted_version(sqlite_url: str, tmp_path, predictor) -> None:  # noqa: ANN001
+    """After a promotion the next task uses the promoted artifact and records its version id."""
+    import json
+    import shutil
+
+    from store.models_registry import promote, register_model_version
+    from worker.screening import serving_model
+
+    settings = _settings(sqlite_url)
+    first = serving_model(settings)
+    assert first.version == predictor.version
+    # A second version: the same network under another name (a retraining run writes a folder like this).
+    copy = tmp_path / "candidate"
+    shutil.copytree(predictor.artifact_dir, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["version"] = predictor.version + "-candidate"
+    (copy / "meta.json").write_text(json.dumps(meta))
+    with session_scope(sqlite_url) as session:
+        mv = register_model_version(
+            session,
+            version=meta["version"],
+            artifact_path=str(copy),
+            artifact_sha256="1" * 64,
+            serve_if_none=False,
+        )
+        promote(session, model_version=mv, user_id=None)
+        candidate_id = mv.id
+    second = serving_model(settings)
+    assert (second.version, second.model_version_id) == (meta["version"], candidate_id)
+    assert second.predictor.artifact_dir == copy

@@ -9,6 +9,7 @@ from sqlalchemy import func, select, update
 from store.db import session_scope
 from store.studies import (
     claim_studies,
+    complete_studies,
     complete_study,
     fail_study,
     mark_queued,
@@ -170,3 +171,28 @@ def test_mark_queued_only_moves_received(db_url: str) -> None:
     with session_scope(db_url) as session:
         assert mark_queued(session, study_ids=s.study_ids, lease_s=60) == s.study_ids
         assert mark_queued(session, study_ids=s.study_ids, lease_s=60) == []
+
+
+def test_complete_studies_in_bulk_skips_lost_claims_and_duplicates(seeded: Seeded) -> None:
+    """The chunk's bulk write: DONE + one prediction each, only for studies this token still holds."""
+    a, b, c, _ = seeded.study_ids
+    _claim(seeded.url, [a, b], "t")
+    _claim(seeded.url, [c], "other")
+    result = {
+        "label": "covid",
+        "p_covid": 0.7,
+        "p_normal": 0.2,
+        "p_pneumonia": 0.1,
+        "triage": "x",
+        "elapsed_ms": 3.0,
+    }
+    rows = [{"study_id": i, **result} for i in (a, b, c)]
+    with session_scope(seeded.url) as s:
+        assert complete_studies(s, token="t", model_version_id=seeded.model_version_id, results=rows) == [
+            a,
+            b,
+        ]
+    with session_scope(seeded.url) as s:
+        assert complete_studies(s, token="t", model_version_id=seeded.model_version_id, results=rows) == []
+    assert [_predictions(seeded.url, i) for i in (a, b, c)] == [1, 1, 0]
+    assert _states(seeded.url, [c])[c] == (StudyStatus.RUNNING, 1, "other")

@@ -1,0 +1,324 @@
+"""End-to-end throughput of the real path vs the raw model, on Redis + PostgreSQL (issue 2, section 6).
+
+Run (needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379, as in CI); results in bench/README.md:
+
+    .venv/bin/python bench/throughput.py --studies 1000 --memory-studies 5000 --chunk-size 32
+
+In one run, on the same images:
+  1. raw: the model in this process (decode + preprocess + one array per chunk), none of the service's
+     processes busy; measured before and after step 3 and averaged (a shared machine's spare CPU drifts);
+  2. idle latency: with web + worker up and idle, upload one image through the JSON API and time until its
+     prediction is in SQL;
+  3. end to end: upload N studies through the JSON API (multipart, in groups, each group started at once),
+     web validation, SQL, Redis, a real `celery worker`, predictions in SQL; studies/s from the first upload
+     byte to the last prediction, and the ratio to raw (target >= 0.7);
+  4. store path + memory: M more studies enqueued through store/ (no web): queue + SQL + worker studies/s,
+     and the worker's resident memory after every 1000 studies: the peak must not grow with the batch.
+A throwaway PostgreSQL database and a Redis database number are created and dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import secrets
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import requests  # noqa: E402
+from sqlalchemy import create_engine, func, select, text  # noqa: E402
+
+from model import shared_data_dir  # noqa: E402
+from store import migrate  # noqa: E402
+from store.db import dispose_all, session_scope  # noqa: E402
+from store.studies import add_study, batch_progress, create_batch, mark_queued  # noqa: E402
+from store.tables import Prediction, Role, Study  # noqa: E402
+from store.users import create_user, issue_api_token  # noqa: E402
+from tests.procs import service_env, settings_from_env, start_web, start_worker, stop_all  # noqa: E402
+from worker.app import make_celery, send_screen_chunks  # noqa: E402
+
+
+def load_images(n: int) -> list[tuple[str, bytes]]:
+    """n distinct chest X-rays from ../shared/data/cxr (cycled if the set is smaller)."""
+    root = shared_data_dir("cxr")
+    with open(root / "manifest.csv", newline="") as fh:
+        files = sorted(root / r["file"] for r in csv.DictReader(fh))
+    if not files:
+        sys.exit(f"no images under {root}")
+    return [(files[i % len(files)].name, files[i % len(files)].read_bytes()) for i in range(n)]
+
+
+def raw_rate(images: list[bytes], chunk: int) -> tuple[float, str]:
+    """Studies/s of the model alone in this process, chunked as the worker does (after one warm-up chunk)."""
+    from model.serve import load_predictor
+
+    predictor = load_predictor()
+    predictor.predict_bytes(images[:chunk])
+    t0 = time.perf_counter()
+    for i in range(0, len(images), chunk):
+        predictor.predict_bytes(images[i : i + chunk])
+    return len(images) / (time.perf_counter() - t0), predictor.version
+
+
+def proc_tree_rss_kib(pid: int) -> dict[int, tuple[int, int]]:
+    """pid -> (VmRSS, VmHWM) in KiB for pid and its children (a prefork worker and its pool process)."""
+    out: dict[int, tuple[int, int]] = {}
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    for p in pids:
+        try:
+            fields = dict(
+                line.split(":", 1)
+                for line in Path(f"/proc/{p}/status").read_text().splitlines()
+                if ":" in line
+            )
+            out[p] = (int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0]))
+        except (OSError, KeyError, ValueError):
+            continue
+    return out
+
+
+class RssSampler(threading.Thread):
+    """Samples the worker tree's total RSS every 0.25 s; keeps the peak."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak_kib, self.stop_flag = pid, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_flag.is_set():
+            total = sum(rss for rss, _ in proc_tree_rss_kib(self.pid).values())
+            self.peak_kib = max(self.peak_kib, total)
+            time.sleep(0.25)
+
+
+def counts(url: str) -> tuple[int, int]:
+    """(finished studies, predictions) in the whole database."""
+    with session_scope(url) as s:
+        finished = s.scalar(
+            select(func.count()).select_from(Study).where(Study.status.in_(("DONE", "FAILED")))
+        )
+        preds = s.scalar(select(func.count()).select_from(Prediction))
+        return int(finished), int(preds)
+
+
+def wait_finished(url: str, target: int, timeout: float, poll: float = 0.1) -> float:
+    """Block until `target` studies are finished; returns the monotonic time it happened.
+
+    Polled every 0.1 s by default: polling much faster makes PostgreSQL count rows all the time, CPU that the
+    measured path then lacks (the latency probe polls every 5 ms, but for one study on an idle system).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if counts(url)[0] >= target:
+            return time.monotonic()
+        time.sleep(poll)
+    raise TimeoutError(f"{target} studies not finished after {timeout:.0f} s (at {counts(url)[0]})")
+
+
+def main() -> None:  # noqa: PLR0915 - one linear script
+    """Run the benchmark and print (and optionally save) the report."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--studies", type=int, default=1000, help="end-to-end batch size (default 1000)")
+    ap.add_argument("--memory-studies", type=int, default=5000, help="studies for the memory run (0: skip)")
+    ap.add_argument("--upload-group", type=int, default=100, help="files per upload request")
+    ap.add_argument(
+        "--chunk-size", type=int, help="CXR_CHUNK_SIZE for web and worker (default: the setting's)"
+    )
+    ap.add_argument("--concurrency", type=int, default=1, help="worker pool processes (default 1)")
+    ap.add_argument("--upload-workers", type=int, default=2, help="parallel upload requests")
+    ap.add_argument("--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
+    ap.add_argument("--json", type=Path, help="also write the report as JSON here")
+    args = ap.parse_args()
+
+    images = load_images(args.studies)
+    data = [d for _, d in images]
+    report: dict[str, object] = {"studies": args.studies, "cpus": os.cpu_count()}
+
+    db_name = "cxr_bench_" + secrets.token_hex(4)
+    admin = create_engine(args.pg_admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{db_name}"'))
+    url = args.pg_admin_url.rsplit("/", 1)[0] + "/" + db_name
+    import redis
+
+    redis.Redis.from_url(args.redis_url).flushdb()
+    procs = []
+    sampler = None
+    try:
+        migrate.upgrade(url)
+        with session_scope(url) as s:
+            user = create_user(s, username="bench", password="bench password 123", role=Role.ADMIN)
+            token = issue_api_token(s, user=user)
+            user_id = user.id
+        tmp = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
+        extra = {"chunk_size": args.chunk_size} if args.chunk_size else {}
+        env = service_env(tmp, database_url=url, broker_url=args.redis_url, **extra)
+        settings = settings_from_env(env)
+        chunk = settings.chunk_size
+
+        # 1. Raw model throughput, alone (of this benchmark's processes). Measured again after the end-to-end
+        # run and averaged: on a shared machine the available CPU drifts during the run.
+        rate_before, version = raw_rate(data, chunk)
+        report.update(model_version=version, chunk_size=chunk)
+        print(f"raw model: {rate_before:.1f} studies/s (model {version}, chunks of {chunk})", flush=True)
+
+        web, base = start_web(env)
+        procs.append(web)
+        worker = start_worker(env, concurrency=args.concurrency)
+        procs.append(worker)
+        sampler = RssSampler(worker.pid)
+        sampler.start()
+        api = requests.Session()
+        api.headers["Authorization"] = f"Bearer {token}"
+
+        # 2. Upload-to-first-result latency on an idle system (median of 3).
+        latencies = []
+        for i in range(3):
+            time.sleep(1.0)
+            before = counts(url)[0]
+            t0 = time.monotonic()
+            r = api.post(
+                f"{base}/api/v1/batches",
+                data={"name": f"latency {i}", "start": "true"},
+                files=[("files", images[i])],
+                timeout=60,
+            )
+            r.raise_for_status()
+            latencies.append(wait_finished(url, before + 1, 60, poll=0.005) - t0)
+        report["idle_upload_to_result_s"] = round(statistics.median(latencies), 3)
+        print(
+            f"idle upload -> first result: {statistics.median(latencies) * 1000:.0f} ms (median of 3)",
+            flush=True,
+        )
+
+        # 3. End to end through the web API: groups uploaded and started while the worker already runs.
+        before = counts(url)[0]
+        t0 = time.monotonic()
+        r = api.post(f"{base}/api/v1/batches", json={"name": f"bench {args.studies}"}, timeout=60)
+        r.raise_for_status()
+        batch_id = r.json()["id"]
+
+        def upload_group(i: int) -> None:
+            # A script uploads groups in parallel (one HTTP session per thread); each group starts at once,
+            # so the worker runs while later groups are still uploading.
+            client = requests.Session()
+            client.headers["Authorization"] = f"Bearer {token}"
+            group = images[i : i + args.upload_group]
+            r = client.post(
+                f"{base}/api/v1/batches/{batch_id}/files", files=[("files", f) for f in group], timeout=600
+            )
+            r.raise_for_status()
+            client.post(f"{base}/api/v1/batches/{batch_id}/start", timeout=60).raise_for_status()
+
+        with ThreadPoolExecutor(args.upload_workers) as pool:
+            list(pool.map(upload_group, range(0, args.studies, args.upload_group)))
+        uploaded = time.monotonic()
+        t1 = wait_finished(url, before + args.studies, 3600, poll=0.1)
+        e2e = args.studies / (t1 - t0)
+        stop_all([web])  # the web's idle threads must not share the CPU with the second raw measurement
+        procs.remove(web)
+        rate_after, _ = raw_rate(data, chunk)
+        rate = (rate_before + rate_after) / 2
+        print(f"raw model again: {rate_after:.1f} studies/s; mean {rate:.1f}", flush=True)
+        report.update(
+            raw_studies_per_s=round(rate, 1), raw_before=round(rate_before, 1), raw_after=round(rate_after, 1)
+        )
+        with session_scope(url) as s:
+            prog = batch_progress(s, batch_ids=[batch_id])[batch_id]
+        report.update(
+            e2e_studies_per_s=round(e2e, 1),
+            ratio_e2e_to_raw=round(e2e / rate, 2),
+            upload_s=round(uploaded - t0, 1),
+            after_last_upload_s=round(t1 - uploaded, 1),
+            e2e_done=prog.done,
+            e2e_failed=prog.failed,
+        )
+        print(
+            f"end to end: {e2e:.1f} studies/s = {e2e / rate:.2f} x raw "
+            f"({prog.done} DONE, {prog.failed} FAILED; "
+            f"uploads took {uploaded - t0:.1f} s, the last results {t1 - uploaded:.1f} s after)",
+            flush=True,
+        )
+
+        # 4. Worker memory over many studies (enqueued through store/: the worker is what is measured).
+        if args.memory_studies:
+            app = make_celery(settings, set_as_current=False)
+            step = 1000
+            rss_at: list[tuple[int, int, int]] = []
+            done_before = counts(url)[0]
+            with session_scope(url) as s:
+                from store.tables import User
+
+                batch = create_batch(s, owner=s.get(User, user_id), name=f"memory {args.memory_studies}")
+                ids = [
+                    add_study(
+                        s, batch=batch, filename=images[i % len(images)][0], data=data[i % len(data)]
+                    ).id
+                    for i in range(args.memory_studies)
+                ]
+                mark_queued(s, study_ids=ids, lease_s=3600)
+            t_sent = time.monotonic()
+            send_screen_chunks(ids, app=app)
+            for k in range(step, args.memory_studies + 1, step):
+                wait_finished(url, done_before + k, 3600, poll=0.1)
+                tree = proc_tree_rss_kib(worker.pid)
+                total_rss = sum(v[0] for v in tree.values())
+                child_hwm = max((v[1] for p, v in tree.items() if p != worker.pid), default=0)
+                rss_at.append((k, total_rss, child_hwm))
+                print(
+                    f"  after {k:5d} studies: worker RSS {total_rss / 1024:.0f} MiB, "
+                    f"pool process peak {child_hwm / 1024:.0f} MiB",
+                    flush=True,
+                )
+            report["memory"] = [
+                {"studies": k, "worker_rss_mib": round(r / 1024), "pool_peak_mib": round(h / 1024)}
+                for k, r, h in rss_at
+            ]
+            store_rate = args.memory_studies / (time.monotonic() - t_sent)
+            report["store_path_studies_per_s"] = round(store_rate, 1)
+            print(
+                f"store path (no web): {store_rate:.1f} studies/s = {store_rate / rate:.2f} x raw", flush=True
+            )
+            growth = (rss_at[-1][2] - rss_at[0][2]) / 1024
+            report["pool_peak_growth_mib_first_to_last"] = round(growth, 1)
+        sampler.stop_flag.set()
+        sampler.join()
+        report["worker_peak_rss_mib"] = round(sampler.peak_kib / 1024)
+        print(f"worker peak RSS over the run: {sampler.peak_kib / 1024:.0f} MiB", flush=True)
+        with session_scope(url) as s:
+            dupes = s.execute(
+                select(Prediction.study_id).group_by(Prediction.study_id).having(func.count() > 1)
+            ).all()
+        report["duplicate_predictions"] = len(dupes)
+        print(f"(duplicate predictions: {len(dupes)})", flush=True)
+    finally:
+        if sampler is not None:
+            sampler.stop_flag.set()
+        stop_all(procs)
+        dispose_all()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
+        admin.dispose()
+        redis.Redis.from_url(args.redis_url).flushdb()
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
