@@ -34,6 +34,7 @@ class LazyGroup(click.Group):
         "worker": "cli.run_cmd:worker_command",
         "web": "cli.run_cmd:web_command",
         "reconcile": "cli.run_cmd:reconcile_command",
+        "retrain": "cli.retrain_cmd:retrain_command",
         "model": "cli.model_cmds:model_group",
         "predict": "cli.model_cmds:predict_command",
     },

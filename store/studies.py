@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from store.audit import record_event
 from store.db import insert_ignore
-from store.tables import Batch, Image, Prediction, Study, StudyStatus, User, utcnow
+from store.tables import Batch, Image, Prediction, Role, Study, StudyStatus, User, utcnow
 
 ACTIVE = (StudyStatus.RECEIVED, StudyStatus.QUEUED, StudyStatus.RUNNING)
 
@@ -143,7 +143,8 @@ def add_studies(session: Session, *, batch: Batch, files: Sequence[dict[str, Any
                 finished_at=now if error else None,
             )
         )
-    rows = list(images.values())
+    # Sorted by key: concurrent uploads sharing images take the row locks in one order (no deadlock).
+    rows = [images[sha] for sha in sorted(images)]
     for i in range(0, len(rows), 200):  # bounded statement size; the bytes dominate it
         session.execute(insert_ignore(session, Image).values(rows[i : i + 200]).on_conflict_do_nothing())
     session.add_all(studies)
@@ -444,20 +445,26 @@ def batch_progress(session: Session, *, batch_ids: Sequence[int]) -> dict[int, P
     return out
 
 
+def sees_all_batches(user: User) -> bool:
+    """Admins, and reviewers (who confirm labels on every clinic's studies), see every batch."""
+    return user.is_admin or user.role == Role.REVIEWER
+
+
 def batches_visible_to(session: Session, *, user: User) -> list[Batch]:
-    """A user's own batches, or every batch for an admin; newest first."""
+    """A user's own batches, or every batch for an admin or reviewer; newest first."""
     stmt = select(Batch).order_by(Batch.id.desc())
-    if not user.is_admin:
+    if not sees_all_batches(user):
         stmt = stmt.where(Batch.owner_id == user.id)
     return list(session.scalars(stmt))
 
 
-def get_batch_for(session: Session, *, user: User, batch_id: int) -> Batch | None:
-    """The batch if this user may see it, else None (callers answer 404 either way)."""
+def get_batch_for(session: Session, *, user: User, batch_id: int, manage: bool = False) -> Batch | None:
+    """The batch if this user may see it (manage=True: change it, owner or admin only), else None -> 404."""
     batch = session.get(Batch, batch_id)
-    if batch is None or (batch.owner_id != user.id and not user.is_admin):
-        return None
-    return batch
+    if batch is None or batch.owner_id == user.id:
+        return batch
+    allowed = user.is_admin if manage else sees_all_batches(user)
+    return batch if allowed else None
 
 
 def study_rows(session: Session, *, batch_id: int) -> list[tuple[Study, Prediction | None]]:

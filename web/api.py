@@ -48,8 +48,8 @@ def _user() -> User:
     return g.api_user
 
 
-def _batch_or_404(batch_id: int) -> Batch:
-    batch = get_batch_for(get_db(), user=_user(), batch_id=batch_id)
+def _batch_or_404(batch_id: int, *, manage: bool = False) -> Batch:
+    batch = get_batch_for(get_db(), user=_user(), batch_id=batch_id, manage=manage)
     if batch is None:
         abort(404, description="no such batch")
     return batch
@@ -120,7 +120,7 @@ def create() -> tuple[Response, int]:
 @bp.post("/batches/<int:batch_id>/files")
 def upload(batch_id: int) -> tuple[Response, int]:
     """Add files (multipart field "files", repeatable; zips expanded) to a batch; they wait for start."""
-    batch = _batch_or_404(batch_id)
+    batch = _batch_or_404(batch_id, manage=True)
     files = uploaded_files(request.files.getlist("files"))
     if not files:
         abort(400, description='send the images as multipart form field "files"')
@@ -141,7 +141,7 @@ def upload(batch_id: int) -> tuple[Response, int]:
 @bp.post("/batches/<int:batch_id>/start")
 def start(batch_id: int) -> Response:
     """Queue every RECEIVED study of the batch (committed before it is enqueued)."""
-    batch = _batch_or_404(batch_id)
+    batch = _batch_or_404(batch_id, manage=True)
     result = start_batch(get_db(), batch=batch, settings=get_settings())
     body = _summary(batch)
     body.update(queued=result.queued, enqueue_error=result.enqueue_error)

@@ -180,8 +180,8 @@ def batch_csv(session: Session, *, batch: Batch) -> str:
     return buf.getvalue()
 
 
-def _visible_batch(batch_id: int) -> Batch:
-    batch = get_batch_for(get_db(), user=current_row(), batch_id=batch_id)
+def _visible_batch(batch_id: int, *, manage: bool = False) -> Batch:
+    batch = get_batch_for(get_db(), user=current_row(), batch_id=batch_id, manage=manage)
     if batch is None:
         abort(404)
     return batch
@@ -236,7 +236,7 @@ def report_json(batch_id: int) -> Response:
 @login_required
 def rescreen(batch_id: int) -> Response:
     """Send a finished batch through the serving model again; old predictions are kept."""
-    batch = _visible_batch(batch_id)  # owner or admin; anyone else gets 404
+    batch = _visible_batch(batch_id, manage=True)  # owner or admin; anyone else (reviewers too) gets 404
     if not RescreenForm().validate_on_submit():
         abort(400)
     db = get_db()

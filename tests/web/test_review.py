@@ -119,18 +119,19 @@ def test_reviewer_reviews_and_exports_show_it(app: Flask, login: Callable[[str],
     assert studies[s1]["review_label"] == "covid" and studies[s1]["review_agrees"] is False
     assert studies[s1]["predicted_class"] == "pneumonia" and studies[s2]["review_label"] is None
 
-    # A plain user cannot review, even their own batch; nobody reviews what they cannot see.
+    # A plain user cannot review, even their own batch; reviewers review every clinic's studies.
     alice_batch, (a1,) = new_batch(app, alice, [("x.png", png_bytes(seed=4))])
     finish(url, [a1], mv)
     assert alice.post(f"/studies/{a1}/review", data={"label": "normal"}).status_code == 403
     assert 'class="review-form"' not in alice.get(f"/batches/{alice_batch}").get_data(as_text=True)
-    assert rita.post(f"/studies/{a1}/review", data={"label": "normal"}).status_code == 404
+    assert rita.post(f"/studies/{a1}/review", data={"label": "normal"}).status_code == 302
     assert root.post(f"/studies/{a1}/review", data={"label": "pneumonia"}).status_code == 302
     assert "confirmed by root" in alice.get(f"/batches/{alice_batch}").get_data(as_text=True)
     with session_scope(url) as s:
-        assert s.scalar(select(Review).where(Review.study_id == a1)).agrees is True
+        reviews = list(s.scalars(select(Review).where(Review.study_id == a1).order_by(Review.id)))
+        assert [(r.label, r.agrees) for r in reviews] == [("normal", False), ("pneumonia", True)]
         assert len(list(s.scalars(select(Review).where(Review.study_id == s1)))) == 3
-        assert len(list(s.scalars(select(AuditEvent).where(AuditEvent.action == "study.review")))) == 4
+        assert len(list(s.scalars(select(AuditEvent).where(AuditEvent.action == "study.review")))) == 5
 
 
 def test_api_review(app: Flask, users: dict[str, int]) -> None:
@@ -169,7 +170,7 @@ def test_api_review(app: Flask, users: dict[str, int]) -> None:
     assert post(f"/api/v1/studies/{queued}/review", json={"label": "covid"}, headers=rita).status_code == 409
     assert (
         post(f"/api/v1/studies/{ids['alice'][0]}/review", json={"label": "covid"}, headers=rita).status_code
-        == 404
+        == 201
     )
     assert (
         post(f"/api/v1/studies/{ids['alice'][0]}/review", json={"label": "covid"}, headers=alice).status_code
