@@ -25,6 +25,7 @@ import csv
 import json
 import os
 import secrets
+import shutil
 import statistics
 import sys
 import tempfile
@@ -44,7 +45,7 @@ from model import shared_data_dir  # noqa: E402
 from store import migrate  # noqa: E402
 from store.db import dispose_all, session_scope  # noqa: E402
 from store.studies import add_study, batch_progress, create_batch, mark_queued  # noqa: E402
-from store.tables import Prediction, Role, Study  # noqa: E402
+from store.tables import ModelVersion, Prediction, Role, Study  # noqa: E402
 from store.users import create_user, issue_api_token  # noqa: E402
 from tests.procs import service_env, settings_from_env, start_web, start_worker, stop_all  # noqa: E402
 from worker.app import make_celery, send_screen_chunks  # noqa: E402
@@ -60,11 +61,11 @@ def load_images(n: int) -> list[tuple[str, bytes]]:
     return [(files[i % len(files)].name, files[i % len(files)].read_bytes()) for i in range(n)]
 
 
-def raw_rate(images: list[bytes], chunk: int) -> tuple[float, str]:
+def raw_rate(images: list[bytes], chunk: int, model_dir: Path) -> tuple[float, str]:
     """Studies/s of the model alone in this process, chunked as the worker does (after one warm-up chunk)."""
     from model.serve import load_predictor
 
-    predictor = load_predictor()
+    predictor = load_predictor(model_dir)
     predictor.predict_bytes(images[:chunk])
     t0 = time.perf_counter()
     for i in range(0, len(images), chunk):
@@ -143,6 +144,12 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     ap.add_argument("--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
     ap.add_argument("--json", type=Path, help="also write the report as JSON here")
+    ap.add_argument(
+        "--model-dir",
+        type=Path,
+        help="model artifact (default: the committed default); a copy is served, so a retrain that replaces "
+        "the artifact during the run cannot give raw and worker different models",
+    )
     args = ap.parse_args()
 
     images = load_images(args.studies)
@@ -159,6 +166,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     redis.Redis.from_url(args.redis_url).flushdb()
     procs = []
     sampler = None
+    tmp: Path | None = None
     try:
         migrate.upgrade(url)
         with session_scope(url) as s:
@@ -166,14 +174,20 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             token = issue_api_token(s, user=user)
             user_id = user.id
         tmp = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
-        extra = {"chunk_size": args.chunk_size} if args.chunk_size else {}
+        from model.serve import DEFAULT_ARTIFACT_DIR
+
+        model_dir = tmp / "model"
+        shutil.copytree(args.model_dir or DEFAULT_ARTIFACT_DIR, model_dir)
+        extra: dict[str, object] = {"model_dir": model_dir}
+        if args.chunk_size:
+            extra["chunk_size"] = args.chunk_size
         env = service_env(tmp, database_url=url, broker_url=args.redis_url, **extra)
         settings = settings_from_env(env)
         chunk = settings.chunk_size
 
         # 1. Raw model throughput, alone (of this benchmark's processes). Measured again after the end-to-end
         # run and averaged: on a shared machine the available CPU drifts during the run.
-        rate_before, version = raw_rate(data, chunk)
+        rate_before, version = raw_rate(data, chunk, model_dir)
         report.update(model_version=version, chunk_size=chunk)
         print(f"raw model: {rate_before:.1f} studies/s (model {version}, chunks of {chunk})", flush=True)
 
@@ -232,7 +246,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         e2e = args.studies / (t1 - t0)
         stop_all([web])  # the web's idle threads must not share the CPU with the second raw measurement
         procs.remove(web)
-        rate_after, _ = raw_rate(data, chunk)
+        rate_after, _ = raw_rate(data, chunk, model_dir)
         rate = (rate_before + rate_after) / 2
         print(f"raw model again: {rate_after:.1f} studies/s; mean {rate:.1f}", flush=True)
         report.update(
@@ -304,13 +318,23 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             dupes = s.execute(
                 select(Prediction.study_id).group_by(Prediction.study_id).having(func.count() > 1)
             ).all()
+            served = sorted(
+                s.scalars(
+                    select(ModelVersion.version)
+                    .join(Prediction, Prediction.model_version_id == ModelVersion.id)
+                    .distinct()
+                )
+            )
         report["duplicate_predictions"] = len(dupes)
-        print(f"(duplicate predictions: {len(dupes)})", flush=True)
+        report["worker_model_versions"] = served
+        print(f"(duplicate predictions: {len(dupes)}; worker served {', '.join(served)})", flush=True)
     finally:
         if sampler is not None:
             sampler.stop_flag.set()
         stop_all(procs)
         dispose_all()
+        if tmp is not None:
+            shutil.rmtree(tmp / "model", ignore_errors=True)  # the logs stay for a look after a failed run
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
         admin.dispose()

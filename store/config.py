@@ -150,7 +150,7 @@ def load_settings() -> Settings:
         broker_url=broker_url,
         secret_key=secret_key,
         model_dir=Path(model_dir).resolve() if model_dir else None,
-        chunk_size=_int("CHUNK_SIZE", 16),
+        chunk_size=_int("CHUNK_SIZE", 32),
         max_attempts=_int("MAX_ATTEMPTS", 3),
         running_lease_s=running_lease,
         queued_lease_s=_int("QUEUED_LEASE_S", 1800),

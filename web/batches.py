@@ -18,7 +18,7 @@ from store.tables import Study
 from web.auth import current_row
 from web.db import get_db, get_settings
 from web.registry import retraining_progress
-from web.uploads import submit_batch
+from web.uploads import study_thumbnail, submit_batch
 
 bp = Blueprint("batches", __name__)
 
@@ -128,13 +128,14 @@ def progress_one(batch_id: int) -> Response:
 @bp.route("/studies/<int:study_id>/thumbnail.png")
 @login_required
 def thumbnail(study_id: int) -> Response:
-    """A study's preview, only for users who may see its batch."""
+    """A study's preview, for users who may see its batch; made from the stored image on first request."""
     db = get_db()
     study = db.get(Study, study_id)
     if study is None or get_batch_for(db, user=current_row(), batch_id=study.batch_id) is None:
         abort(404)
-    if not study.thumbnail_png:
+    png = study_thumbnail(db, study=study)
+    if not png:
         abort(404)
-    resp = Response(study.thumbnail_png, mimetype="image/png")
+    resp = Response(png, mimetype="image/png")
     resp.headers["Cache-Control"] = "private, max-age=3600"
     return resp

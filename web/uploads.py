@@ -3,6 +3,12 @@
 Every file becomes a study: a valid image is stored RECEIVED, anything else FAILED with a reason a person can
 read. Formats are decided by magic bytes, never by the file name; the pixel count is checked from the headers
 before any pixel is decoded. Zip archives are expanded in memory only; member names are metadata, never paths.
+
+Validation at upload is structural and cheap for PNG and JPEG (web.imagecheck: chunk lengths and CRCs, JPEG
+markers; no pixel is decoded): truncated, corrupt, empty, mislabelled and oversized files fail here. A file
+that passes these checks but whose pixel data still cannot be decoded is failed by the worker, which decodes
+every image before inference, with the decoder's readable reason. DICOM (rare, and its codecs fail in more
+ways) is still fully decoded at upload. Thumbnails are made on first request (web.batches), not here.
 """
 
 from __future__ import annotations
@@ -20,15 +26,24 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from model.preprocess import ImageDecodeError, decode_image, dicom_patient_id, image_dimensions, sniff_format
+from model.preprocess import (
+    ImageDecodeError,
+    decode_image,
+    dicom_patient_id,
+    image_dimensions,
+    make_thumbnail,
+    sniff_format,
+)
 from store.audit import record_event
 from store.config import Settings
-from store.studies import add_study, create_batch, hash_patient_key, mark_queued
-from store.tables import Batch, Study, StudyStatus, User
+from store.studies import add_studies, create_batch, hash_patient_key, mark_queued
+from store.tables import Batch, Image, Study, StudyStatus, User
+from web.imagecheck import check_structure
 
 log = logging.getLogger(__name__)
 
 THUMBNAIL_SIDE = 160
+MIN_IMAGE_SIDE = 8  # model.preprocess.decode_image refuses anything smaller
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # macOS archive litter: not images, and failing each of them would only bury the real results.
@@ -37,7 +52,7 @@ _ZIP_JUNK = re.compile(r"(^|/)(__MACOSX/|\.DS_Store$|\._)")
 
 @dataclass
 class ValidatedFile:
-    """The outcome of checking one file: what add_study needs, or the readable error."""
+    """The outcome of checking one file: what add_studies needs, or the readable error."""
 
     name: str
     data: bytes | None
@@ -107,10 +122,56 @@ def _thumbnail(gray: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def _placeholder_png() -> bytes:
+    # A plain grey square with a darker cross: "no preview", without a broken-image icon in the report.
+    img = np.full((THUMBNAIL_SIDE, THUMBNAIL_SIDE), 200, dtype=np.uint8)
+    cv2.line(img, (40, 40), (THUMBNAIL_SIDE - 41, THUMBNAIL_SIDE - 41), 120, 6)
+    cv2.line(img, (40, THUMBNAIL_SIDE - 41), (THUMBNAIL_SIDE - 41, 40), 120, 6)
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:
+        raise RuntimeError("the placeholder preview could not be encoded")
+    return buf.tobytes()
+
+
+PLACEHOLDER_PNG = _placeholder_png()
+
+
+def study_thumbnail(session: Session, *, study: Study) -> bytes | None:
+    """The study's preview PNG, made from its stored image on first use and committed; None with no image.
+
+    An image that cannot be decoded gets PLACEHOLDER_PNG (stored too, so it is not decoded on every view).
+    """
+    if study.thumbnail_png:
+        return study.thumbnail_png
+    if study.image_sha256 is None:
+        return None
+    data = session.scalar(select(Image.data).where(Image.sha256 == study.image_sha256))
+    if not data:
+        return None
+    try:
+        png = make_thumbnail(data, max_side=THUMBNAIL_SIDE)
+    except ImageDecodeError:
+        png = PLACEHOLDER_PNG
+    except Exception as exc:  # noqa: BLE001 - a decoder crash must not become a 500; not stored, may be transient
+        log.warning("preview of study %s failed: %r", study.id, exc)
+        return PLACEHOLDER_PNG
+    study.thumbnail_png = png
+    try:
+        session.commit()
+    except Exception:  # noqa: BLE001 - e.g. a locked SQLite: serve the preview now, store it next time
+        log.warning("preview of study %s not stored", study.id, exc_info=True)
+        session.rollback()
+    return png
+
+
 def validate_file(
     name: str, data: bytes, settings: Settings, *, patient_id: str | None = None
 ) -> ValidatedFile:
-    """Check one file by content: format by magic bytes, pixel cap from the header, then a full decode."""
+    """Check one file by content: magic bytes, header size vs the pixel cap, structure; no PNG/JPEG decode.
+
+    PNG and JPEG get a structural check only (web.imagecheck); one whose pixel data is undecodable despite a
+    valid structure is FAILED later by the worker with the decoder's reason. DICOM is decoded in full here.
+    """
     size = len(data)
     if size == 0:
         return _failed(name, 0, "The file is empty.")
@@ -152,10 +213,21 @@ def validate_file(
                 f"{settings.max_image_pixels / 1e6:.0f} megapixel limit; it was not decoded."
             ),
         )
+    if min(width, height) < MIN_IMAGE_SIDE:
+        return _failed(
+            name,
+            size,
+            f"Unreadable {fmt.upper()} file: the image is too small to read ({width}×{height} pixels).",
+            fmt,
+            (width, height),
+        )
+    thumb = None
     try:
-        # The full decode catches a corrupt file now, at upload, rather than in a worker later.
-        gray = decode_image(data, max_pixels=settings.max_image_pixels)
-        thumb = _thumbnail(gray)
+        if fmt == "dicom":
+            # DICOM is rare and its codecs fail in many ways: decode it in full now; the preview is then free.
+            thumb = _thumbnail(decode_image(data, max_pixels=settings.max_image_pixels))
+        else:
+            check_structure(data, fmt)
     except ImageDecodeError as exc:
         return _failed(name, size, f"Unreadable {fmt.upper()} file: {exc}.", fmt, (width, height))
     except Exception as exc:  # noqa: BLE001 - a decoder crash on a hostile file must not become a 500
@@ -274,26 +346,30 @@ def ingest_files(
     settings: Settings,
     patient_id: str | None = None,
 ) -> list[int]:
-    """Store every file (zips expanded) as a study: RECEIVED if valid, FAILED with a reason if not."""
-    ids: list[int] = []
-    for checked in _iter_checked(files, settings, patient_id=patient_id):
-        study = add_study(
-            session,
-            batch=batch,
-            filename=checked.name,
-            data=checked.data,
-            fmt=checked.fmt,
-            width=checked.width,
-            height=checked.height,
-            thumbnail_png=checked.thumbnail_png,
-            patient_key=checked.patient_key,
-            error=checked.error,
-        )
-        # Rejected bytes are not kept, but their size is still worth showing.
-        study.size_bytes = checked.size_bytes
-        ids.append(study.id)
-    session.flush()
-    return ids
+    """Store every file (zips expanded) as a study: RECEIVED if valid, FAILED with a reason if not.
+
+    The whole upload goes to SQL in a few statements (store.studies.add_studies); returns the ids in order.
+    """
+    studies = add_studies(
+        session,
+        batch=batch,
+        files=[
+            {
+                "filename": checked.name,
+                "data": checked.data,
+                "fmt": checked.fmt,
+                "width": checked.width,
+                "height": checked.height,
+                "thumbnail_png": checked.thumbnail_png,
+                "patient_key": checked.patient_key,
+                "error": checked.error,
+                # Rejected bytes are not kept, but their size is still worth showing.
+                "size_bytes": checked.size_bytes,
+            }
+            for checked in _iter_checked(files, settings, patient_id=patient_id)
+        ],
+    )
+    return [study.id for study in studies]
 
 
 def send_screen_chunks(study_ids: Sequence[int]) -> None:

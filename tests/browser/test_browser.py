@@ -125,6 +125,10 @@ def test_sign_in_upload_watch_progress_and_read_report(
         label = done.nth(i).locator("td.label").inner_text().strip()
         assert label in {"covid", "normal", "pneumonia"}, label
         expect(done.nth(i).locator("img.thumb")).to_be_visible()
+    # Previews are made on first request from the stored image: the first one really loads as a picture.
+    thumb = done.nth(0).locator("img.thumb")
+    thumb.scroll_into_view_if_needed()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=thumb.element_handle())
     expect(page.locator("#report tbody tr.status-failed")).to_contain_text("Unreadable PNG file")
     expect(page.locator("main .notice")).to_contain_text("not a medical device")
 

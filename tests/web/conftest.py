@@ -39,7 +39,8 @@ def jpeg_bytes(w: int = 64, h: int = 48) -> bytes:
     return buf.tobytes()
 
 
-def _chunk(kind: bytes, body: bytes) -> bytes:
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    """One PNG chunk: length, type, body and a correct CRC32."""
     return (
         struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
     )
@@ -49,7 +50,9 @@ def huge_png_header(w: int = 30000, h: int = 30000) -> bytes:
     """A valid-looking PNG claiming w x h pixels with only a tiny IDAT (a decompression bomb stand-in)."""
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 64)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    )
 
 
 def corrupt_png() -> bytes:

@@ -6,6 +6,9 @@ import csv
 import io
 from collections.abc import Callable
 
+import cv2
+import numpy as np
+import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
@@ -112,3 +115,37 @@ def test_dashboard_lists_batches_with_progress(app: Flask, login: Callable[[str]
     html = client.get("/").get_data(as_text=True)
     assert f'data-batch-id="{batch_id}"' in html and 'data-finished="false"' in html
     assert "66% · 1 done · 1 failed · 3 total" in html
+
+
+def test_thumbnail_made_on_first_request_and_stored(
+    app: Flask, login: Callable[[str], FlaskClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No preview at upload; the first request makes it from the stored image and keeps it; bad ones 404."""
+    from tests.web.test_uploads import garbage_idat_png
+    from web import uploads
+
+    client = login("alice")
+    upload(client, [("a.png", png_bytes(320, 200)), ("g.png", garbage_idat_png()), ("c.png", corrupt_png())])
+    url = app.extensions["cxr_settings"].database_url
+    with session_scope(url) as s:
+        good, garbage, failed = s.scalars(select(Study).order_by(Study.id)).all()
+        assert good.thumbnail_png is None and garbage.status == StudyStatus.QUEUED
+        assert failed.status == StudyStatus.FAILED
+    first = client.get(f"/studies/{good.id}/thumbnail.png")
+    assert first.status_code == 200 and first.mimetype == "image/png"
+    preview = cv2.imdecode(np.frombuffer(first.data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert preview.shape == (100, 160)
+    with session_scope(url) as s:
+        assert s.get(Study, good.id).thumbnail_png == first.data
+
+    def no_decode(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a stored preview must not be made again")
+
+    with monkeypatch.context() as m:
+        m.setattr(uploads, "make_thumbnail", no_decode)
+        assert client.get(f"/studies/{good.id}/thumbnail.png").data == first.data
+    # Valid structure, undecodable pixels: a placeholder, never a 500 (the worker fails the study itself).
+    placeholder = client.get(f"/studies/{garbage.id}/thumbnail.png")
+    assert placeholder.status_code == 200 and placeholder.data == uploads.PLACEHOLDER_PNG
+    assert client.get(f"/studies/{failed.id}/thumbnail.png").status_code == 404  # no stored image
+    assert login("bob").get(f"/studies/{good.id}/thumbnail.png").status_code == 404

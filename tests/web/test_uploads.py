@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import io
+import struct
 import time
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from store.config import load_settings
 from store.db import session_scope
-from store.studies import create_batch
+from store.studies import create_batch, mark_queued
 from store.tables import Batch, Image, Study, StudyStatus, User
-from tests.conftest import SHARED_DATA, make_user
-from tests.web.conftest import corrupt_png, huge_png_header, jpeg_bytes, png_bytes, upload
+from tests.conftest import IN_CI, SHARED_DATA, make_user
+from tests.web.conftest import corrupt_png, huge_png_header, jpeg_bytes, png_bytes, png_chunk, upload
 from web import uploads
 from web.uploads import clean_filename, ingest_files, submit_batch, validate_file
 
@@ -32,13 +35,24 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     return load_settings()
 
 
-def test_valid_png_and_jpeg(settings) -> None:  # noqa: ANN001
-    for name, data, fmt in (("a.png", png_bytes(300, 200), "png"), ("b.jpg", jpeg_bytes(), "jpeg")):
+def test_valid_png_and_jpeg(settings, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """Valid files pass on their structure alone: no pixel is decoded at upload, no preview is made."""
+    files = (("a.png", png_bytes(300, 200), "png"), ("b.jpg", jpeg_bytes(), "jpeg"))
+
+    def no_decode(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("PNG/JPEG pixels must not be decoded at upload")
+
+    monkeypatch.setattr(uploads, "decode_image", no_decode)
+    monkeypatch.setattr(uploads, "make_thumbnail", no_decode)
+    monkeypatch.setattr(cv2, "imdecode", no_decode)
+    for name, data, fmt in files:
         v = validate_file(name, data, settings)
         assert v.ok, v.error
         assert v.fmt == fmt and v.data == data
-        assert v.thumbnail_png is not None and v.thumbnail_png.startswith(b"\x89PNG")
+        assert v.thumbnail_png is None  # made on first request by the thumbnail route
     assert validate_file("a.png", png_bytes(300, 200), settings).width == 300
+    padded = validate_file("c.jpg", jpeg_bytes() + b"\x00" * 16, settings)  # trailing zero padding is fine
+    assert padded.ok, padded.error
 
 
 def test_format_by_content_not_name(settings) -> None:  # noqa: ANN001
@@ -57,6 +71,73 @@ def test_corrupt_png(settings) -> None:  # noqa: ANN001
     v = validate_file("broken.png", corrupt_png(), settings)
     assert not v.ok and v.fmt == "png"
     assert v.error.startswith("Unreadable PNG file")
+
+
+def _png(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    return b"\x89PNG\r\n\x1a\n" + b"".join(png_chunk(kind, body) for kind, body in chunks)
+
+
+_IHDR_64 = struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0)
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+
+
+def _broken_pngs() -> list[tuple[str, bytes, str]]:
+    good = png_bytes(128, 128, seed=3)
+    idat = zlib.compress(b"\x00" * 65 * 64)
+    return [
+        ("bit flip in the pixel data", _flip(good, len(good) - 20), "IDAT chunk fails its CRC check"),
+        ("bit flip in the header", _flip(good, 26), "IHDR chunk fails its CRC check"),
+        ("cut inside the data", good[: len(good) // 2], "truncated (it ends inside its IDAT chunk)"),
+        ("cut before IEND", good[:-12], "truncated (it ends before its IEND chunk)"),
+        ("cut inside IEND", good[:-3], "truncated (it ends before its IEND chunk)"),
+        ("cut inside IEND's CRC", good[:-1] + b"\x00", "IEND chunk fails its CRC check"),
+        ("no IDAT", _png([(b"IHDR", _IHDR_64), (b"IEND", b"")]), "no image data (no IDAT chunk)"),
+        (
+            "IHDR not first",
+            _png([(b"tEXt", b"a\x00b"), (b"IHDR", _IHDR_64), (b"IDAT", idat), (b"IEND", b"")]),
+            "has no image header",
+        ),
+        (
+            "invalid bit depth",
+            _png(
+                [(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 7, 0, 0, 0, 0)), (b"IDAT", idat), (b"IEND", b"")]
+            ),
+            "invalid bit depth or colour type",
+        ),
+        ("garbage after the header", corrupt_png(), "truncated"),
+    ]
+
+
+@pytest.mark.parametrize(("case", "data", "reason"), _broken_pngs(), ids=[c[0] for c in _broken_pngs()])
+def test_structurally_broken_png(settings, case: str, data: bytes, reason: str) -> None:  # noqa: ANN001
+    """Corrupt or truncated PNGs fail at upload, from their chunk lengths and CRCs, with a readable reason."""
+    v = validate_file("broken.png", data, settings)
+    assert not v.ok and v.fmt == "png" and v.data is None, case
+    assert v.error.startswith("Unreadable PNG file: ") and reason in v.error, v.error
+
+
+def test_structurally_broken_jpeg(settings) -> None:  # noqa: ANN001
+    """A truncated JPEG, one without image data, and one with garbage after its end fail at upload."""
+    good = jpeg_bytes(200, 150)
+    sos = good.index(b"\xff\xda")
+    cases = {
+        "truncated.jpg": (good[: len(good) * 2 // 3], "no end-of-image marker"),
+        "cut-header.jpg": (good[: good.index(b"\xff\xc4") + 10], "runs past its end"),
+        "no-sos.jpg": (good[:sos] + b"\xff\xd9", "ends before any image data"),
+        "tail.jpg": (good + b"trailing junk", "no end-of-image marker"),
+    }
+    for name, (data, reason) in cases.items():
+        v = validate_file(name, data, settings)
+        assert not v.ok and v.fmt == "jpeg", name
+        assert v.error.startswith("Unreadable JPEG file: ") and reason in v.error, (name, v.error)
+
+
+def test_tiny_image_is_refused(settings) -> None:  # noqa: ANN001
+    v = validate_file("tiny.png", png_bytes(4, 4), settings)
+    assert not v.ok and "too small to read (4×4 pixels)" in v.error
 
 
 def test_huge_png_is_refused_before_decoding(settings, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
@@ -159,6 +240,23 @@ def test_failed_files_keep_no_bytes_and_names_are_metadata(batch_session, settin
     assert clean_filename("../../x.png") == "x.png"
 
 
+def test_same_image_again_in_a_later_upload(batch_session, settings) -> None:  # noqa: ANN001
+    """Bytes stored by an earlier upload (and twice in this one) are stored once, without a key violation."""
+    session, batch = batch_session
+    first = ingest_files(session, batch=batch, files=[("a.png", png_bytes(seed=7))], settings=settings)
+    session.commit()
+    again = ingest_files(
+        session,
+        batch=batch,
+        files=[("b.png", png_bytes(seed=7)), ("c.png", png_bytes(seed=8)), ("d.png", png_bytes(seed=8))],
+        settings=settings,
+    )
+    session.commit()
+    shas = [session.get(Study, i).image_sha256 for i in first + again]
+    assert shas[0] == shas[1] and shas[2] == shas[3] and shas[0] != shas[2]
+    assert session.scalar(select(func.count()).select_from(Image)) == 2
+
+
 def _dicom(name: str) -> bytes:
     path = DICOM_DIR / name
     if not path.exists():
@@ -252,3 +350,46 @@ def test_upload_20_files_one_corrupt(
 def test_upload_without_files_is_a_form_error(login: Callable[[str], FlaskClient]) -> None:
     resp = login("alice").post("/batches/new", data={"name": "x"}, content_type="multipart/form-data")
     assert resp.status_code == 400 and "Choose at least one file" in resp.get_data(as_text=True)
+
+
+def garbage_idat_png() -> bytes:
+    """A 64×64 PNG with valid chunks and CRCs around compressed data that is garbage: passes upload checks."""
+    garbage = b"\x78\x9c" + bytes(range(7, 250, 3)) * 4  # a zlib header, then nothing deflate can read
+    return _png([(b"IHDR", _IHDR_64), (b"IDAT", garbage), (b"IEND", b"")])
+
+
+@pytest.fixture(scope="module")
+def predictor():  # noqa: ANN201
+    """The committed default model (as the worker loads it), once for this module."""
+    from model.serve import load_predictor
+
+    try:
+        return load_predictor()
+    except FileNotFoundError as exc:
+        if IN_CI:
+            raise
+        pytest.skip(f"no trained model artifact yet: {exc}")
+
+
+def test_valid_structure_garbage_pixels_fails_in_the_worker(batch_session, settings, predictor) -> None:  # noqa: ANN001
+    """Upload checks structure only; the worker decodes, and undecodable pixel data ends FAILED, readably."""
+    from worker.screening import ServingModel, model_version_id, screen_chunk
+
+    session, batch = batch_session
+    url = session.get_bind().url.render_as_string(hide_password=False)
+    good = jpeg_bytes(256, 256)
+    ids = ingest_files(
+        session, batch=batch, files=[("ok.jpg", good), ("bad.png", garbage_idat_png())], settings=settings
+    )
+    assert [session.get(Study, i).status for i in ids] == [StudyStatus.RECEIVED, StudyStatus.RECEIVED]
+    mark_queued(session, study_ids=ids, lease_s=3600)
+    session.commit()
+    worker_settings = settings.__class__(**{**settings.__dict__, "database_url": url})
+    model = ServingModel(predictor, model_version_id(url, predictor), predictor.version)
+    with session_scope(url) as ws:
+        result = screen_chunk(ws, study_ids=ids, token="t1", model=model, settings=worker_settings)
+    assert (result.done, result.failed) == ([ids[0]], [ids[1]])
+    with session_scope(url) as s:
+        bad = s.get(Study, ids[1])
+        assert bad.status == StudyStatus.FAILED
+        assert bad.error.startswith("PNG pixel data could not be decoded"), bad.error
