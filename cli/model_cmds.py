@@ -53,7 +53,14 @@ def split_command(data: Path, out: Path, seed: int, force: bool) -> None:
     help="cxr_slim | cxr_s | cxr_m | cxr_sep | tiny | baseline",
 )
 @click.option(
-    "--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds, one ensemble member each."
+    "--seeds", default="1,2,3,4,5", show_default=True, help="Comma-separated seeds, one network each."
+)
+@click.option(
+    "--select",
+    type=click.Choice(["best", "ensemble"]),
+    default="best",
+    show_default=True,
+    help="best: serve the seed with the lowest validation loss; ensemble: average every seed in one graph.",
 )
 @click.option("--epochs", type=int, default=40, show_default=True)
 @click.option(
@@ -76,6 +83,7 @@ def train_command(
     split_path: Path,
     runs_dir: Path,
     no_reuse: bool,
+    select: str,
 ) -> None:
     """Train one member per seed, calibrate on validation and write the ensemble artifact."""
     from model.pipeline import train_and_export
@@ -83,7 +91,7 @@ def train_command(
     if out is None:
         out = REPO_ROOT / ("runs/artifacts/baseline" if arch == "baseline" else "model/artifacts/default")
     seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
-    cmd = f"cxr model train --data {data} --arch {arch} --seeds {seeds} --epochs {epochs}"
+    cmd = f"cxr model train --data {data} --arch {arch} --seeds {seeds} --epochs {epochs} --select {select}"
     meta = train_and_export(
         data,
         out,
@@ -93,6 +101,7 @@ def train_command(
         split_path=split_path,
         runs_dir=runs_dir,
         reuse=not no_reuse,
+        select=select,
         command=cmd,
         log=lambda m: click.echo(m, err=True),
     )
@@ -125,8 +134,19 @@ def train_command(
     default=REPO_ROOT / "docs" / "model",
     show_default=True,
 )
+@click.option(
+    "--compare",
+    multiple=True,
+    metavar="NAME=DIR",
+    help="Another artifact to report side by side, e.g. 'ours 5-seed ensemble=runs/artifacts/ours5'.",
+)
 def evaluate_command(
-    data: Path, model_dir: Path | None, baseline_dir: Path, split_path: Path, out: Path
+    data: Path,
+    model_dir: Path | None,
+    baseline_dir: Path,
+    split_path: Path,
+    out: Path,
+    compare: tuple[str, ...],
 ) -> None:
     """Write the test-split report (Markdown + PNGs): ours vs the tutorial CNN, per source, source probe."""
     from model.evaluate import evaluate_report
@@ -138,6 +158,7 @@ def evaluate_command(
         baseline_dir if baseline_dir.exists() else None,
         split_path,
         out,
+        tuple((c.split("=", 1)[0], Path(c.split("=", 1)[1])) for c in compare),
     )
     click.echo(f"wrote {report}")
 

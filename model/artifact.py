@@ -102,5 +102,5 @@ def write_artifact(out_dir: Path, ensemble, meta: dict, card: str) -> Path:
     meta["tflite_sha256"] = weights_hash
     meta["version"] = f"{meta.get('name', 'cnn')}-{meta['created'][:10].replace('-', '')}-{weights_hash[:8]}"
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=False) + "\n")
-    (out_dir / "card.md").write_text(card)
+    (out_dir / "card.md").write_text(card.replace("{version}", meta["version"]))
     return out_dir

@@ -220,7 +220,12 @@ def _gradcam_grid(data: Path, records: list, artifact_dir: Path, path: Path, per
 
 
 def evaluate_report(
-    data: Path, model_dir: Path, baseline_dir: Path | None, split_path: Path, out: Path
+    data: Path,
+    model_dir: Path,
+    baseline_dir: Path | None,
+    split_path: Path,
+    out: Path,
+    extra: tuple[tuple[str, Path], ...] = (),
 ) -> Path:
     """Compute every metric on the test split and write out/evaluation.md with its PNG plots."""
     from model.train import configure_tf
@@ -233,6 +238,8 @@ def evaluate_report(
     src = {k: np.array([r.source for r in split[k]]) for k in ("val", "test")}
     grp = {k: np.array([r.patient_id for r in split[k]]) for k in ("val", "test")}
     evs = {"ours": Evaluated("ours", model_dir, data, split)}
+    for name, path in extra:
+        evs[name] = Evaluated(name, path, data, split)
     if baseline_dir is not None and (Path(baseline_dir) / "meta.json").exists():
         evs["tutorial CNN"] = Evaluated("tutorial CNN", baseline_dir, data, split)
 
@@ -258,14 +265,14 @@ def evaluate_report(
         "Models: "
         + "; ".join(
             f"**{n}** = `{ev.meta['version']}` ({ev.meta['arch']}, input {ev.meta['input_size']}, "
-            f"ensemble of seeds {ev.meta['seeds']})"
+            f"{ev.meta.get('selection', 'ensemble')}: seeds {ev.meta['seeds']})"
             for n, ev in evs.items()
         )
         + ".",
         "Probabilities are temperature-scaled (T fitted on validation); thresholds chosen on validation "
         "only.",
         "",
-        "## Headline (ensembles)",
+        "## Headline (the served artifacts)",
         "",
         "| metric | " + " | ".join(evs) + " |",
         "|---|" + "---|" * len(evs),
@@ -292,7 +299,7 @@ def evaluate_report(
         lines.append(f"| {label} | " + " | ".join(fn(ens[n], hl[n]) for n in evs) + " |")
     lines += [
         "",
-        "## Per class (ensembles, arg-max label; Wilson 95% CIs)",
+        "## Per class (served artifacts, arg-max label; Wilson 95% CIs)",
         "",
         "| model | class | sensitivity | specificity | PPV |",
         "|---|---|---|---|---|",
@@ -325,7 +332,7 @@ def evaluate_report(
             f"{np.mean(f1s):.3f} ± {np.std(f1s):.3f} | | | | |"
         )
         lines.append(
-            f"| {n} | **ensemble** | {hl[n]['accuracy']:.3f} | {hl[n]['macro_f1']:.3f} | "
+            f"| {n} | **served** | {hl[n]['accuracy']:.3f} | {hl[n]['macro_f1']:.3f} | "
             f"{hl[n]['auroc_macro']:.3f} | {hl[n]['covid_sensitivity']:.3f} | "
             f"{hl[n]['covid_specificity']:.3f} | {hl[n]['ece']:.3f} |"
         )
@@ -430,11 +437,13 @@ def evaluate_report(
     ]
 
     lines += ["", "## Training curves", ""]
+    done = set()
     for n, ev in evs.items():
-        for s in ev.meta["seeds"]:
+        for s in ev.meta.get("seeds_trained", ev.meta["seeds"]):
             src_png = REPO_ROOT / "runs" / "train" / f"{ev.meta['arch']}_seed{s}" / "curves.png"
-            if src_png.exists():
-                dst = out / f"curves_{ev.meta['arch']}_seed{s}.png"
+            dst = out / f"curves_{ev.meta['arch']}_seed{s}.png"
+            if src_png.exists() and dst.name not in done:
+                done.add(dst.name)
                 shutil.copyfile(src_png, dst)
                 lines.append(f"![{n} seed {s}]({dst.name})")
     report = out / "evaluation.md"

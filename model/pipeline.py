@@ -37,11 +37,16 @@ def train_and_export(
     split_path: Path = DEFAULT_SPLIT,
     runs_dir: Path = REPO_ROOT / "runs" / "train",
     reuse: bool = True,
+    select: str = "ensemble",
     command: str | None = None,
     progress: bool = True,
     log=print,
 ) -> dict:
-    """Train one member per seed (reusing finished ones), calibrate on validation, write the artifact."""
+    """Train one member per seed (reusing finished ones), calibrate on validation, write the artifact.
+
+    select="ensemble": the artifact averages every seed's logits; select="best": it holds only the seed with
+    the lowest validation loss (the early-stopping criterion), chosen on validation, never on test.
+    """
     import keras
 
     from model.artifact import build_ensemble, ensemble_logits, load_keras, write_artifact
@@ -99,6 +104,13 @@ def train_and_export(
         )
         log(f"seed {seed}: test {headline(res)}")
 
+    all_seeds = tuple(seeds)
+    if select == "best":
+        best = int(np.argmin([info["best_val_loss"] for info in member_info]))
+        log(f"selected seed {seeds[best]} (lowest validation loss {member_info[best]['best_val_loss']:.4f})")
+        members, seeds = [members[best]], (seeds[best],)
+    elif select != "ensemble":
+        raise ValueError(f"select must be 'ensemble' or 'best', not {select!r}")
     zv = ensemble_logits(members, xv, probs_output=probs_output)
     zt = ensemble_logits(members, xt, probs_output=probs_output)
     temperature = fit_temperature(zv, ys["val"])
@@ -132,6 +144,10 @@ def train_and_export(
             "else 'refer to a radiologist'",
         ],
         "seeds": list(seeds),
+        "seeds_trained": list(all_seeds),
+        "selection": "single seed with the lowest validation loss"
+        if select == "best"
+        else "ensemble of every trained seed (mean logits)",
         "split_seed": 20260401,
         "epochs_max": epochs,
         "members": per_member,
@@ -156,27 +172,37 @@ def train_and_export(
     return json.loads((Path(out) / "meta.json").read_text())
 
 
+def _members_text(meta: dict) -> str:
+    seeds = meta["seeds"]
+    trained = meta.get("seeds_trained", seeds)
+    if len(seeds) == 1 and len(trained) > 1:
+        return (
+            f"One network (seed {seeds[0]}, chosen among seeds {', '.join(map(str, trained))} by the lowest "
+            "validation loss)"
+        )
+    return f"An ensemble of {len(seeds)} members (seeds {', '.join(map(str, seeds))}, logits averaged)"
+
+
 def model_card(meta: dict) -> str:
     """The model card (markdown) of an artifact."""
     t = meta["metrics"]["test"]
     members = ", ".join(f"seed {m['seed']}: macro-F1 {m['test']['macro_f1']:.3f}" for m in meta["members"])
+    members = members or "n/a"
     net = (
         "the tutorial CNN (150x150x3, Conv32-Pool-Conv64-Pool-Flatten-Dense), reproduced as a baseline"
         if meta["arch"] == "baseline"
-        else f"a compact from-scratch CNN ({meta['arch']}, "
-        f"{meta['input_size']}x{meta['input_size']} grayscale)"
+        else f"a compact CNN ({meta['arch']}, {meta['input_size']}x{meta['input_size']} grayscale)"
     )
-    return f"""# Model card: {meta.get("version", meta["name"])}
+    return f"""# Model card: {meta.get("version", "{version}")}
 
 **Intended use.** Research and teaching only: batch screening experiments on chest X-rays into COVID-19 /
 normal / pneumonia. **This is not a medical device** and must not be used for diagnosis or treatment
 decisions.
 Every output must be read by a radiologist.
 
-**Model.** An ensemble of {len(meta["seeds"])} members (seeds {", ".join(map(str, meta["seeds"]))}) of {net},
-trained from scratch. Output: calibrated probabilities (temperature {meta["temperature"]:.3f}, fitted on the
-validation split) in class order {", ".join(meta["classes"])}; served as TFLite through the LiteRT
-interpreter.
+**Model.** {_members_text(meta)}: {net}, trained from scratch. Output: calibrated probabilities
+(temperature {meta["temperature"]:.3f}, fitted on the validation split) in class order
+{", ".join(meta["classes"])}; served as TFLite through the LiteRT interpreter.
 Preprocessing `{meta["preprocess_version"]}`: decode (DICOM with modality LUT, VOI window, MONOCHROME1
 inverted), grayscale, resize keeping the aspect ratio, zero padding (no contrast stretch).
 
@@ -193,7 +219,7 @@ ChestX-ray14 (adults) and Kermany (children aged 1-5).
 **Test-split results** (patient-level, {t["n"]} images): accuracy {t["accuracy"]:.3f},
 macro-F1 {t["macro_f1"]:.3f},
 macro AUROC {t["auroc_macro"]:.3f}, COVID-19 sensitivity {t["covid_sensitivity"]:.3f} at specificity
-{t["covid_specificity"]:.3f} (validation threshold), ECE {t["ece"]:.3f}. Per member: {members}.
+{t["covid_specificity"]:.3f} (validation threshold), ECE {t["ece"]:.3f}. Every trained seed alone: {members}.
 See docs/model.md for confidence intervals, per-source results and the source probe.
 
 **Limits and known biases.**

@@ -75,6 +75,8 @@ class Predictor:
         self._out = self._interp.get_output_details()[0]["index"]
         self._batch = -1
         self._lock = threading.Lock()
+        self._pool = None
+        self._pool_pid = -1
 
     def predict_arrays(self, x: np.ndarray) -> np.ndarray:
         """Calibrated probabilities (N x classes) for preprocessed arrays (N, S, S, 1), run as one batch."""
@@ -96,6 +98,16 @@ class Predictor:
             self._interp.set_tensor(self._in, np.ascontiguousarray(x))
             self._interp.invoke()
             return self._interp.get_tensor(self._out).copy()
+
+    def _decode_pool(self):
+        """A small thread pool for decoding, recreated in a forked child (threads do not survive fork)."""
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(max_workers=_default_threads(), thread_name_prefix="cxr-decode")
+            self._pool_pid = os.getpid()
+        return self._pool
 
     def triage(self, probs: np.ndarray) -> str:
         """Triage band of one calibrated probability vector."""
@@ -121,15 +133,24 @@ class Predictor:
     ) -> list[StudyResult | ImageDecodeError]:
         """Decode every item; failures become the ImageDecodeError in that slot; the rest run as one batch."""
         out: list[StudyResult | ImageDecodeError | None] = [None] * len(items)
-        arrays, idx = [], []
-        for i, data in enumerate(items):
+
+        def one(data: bytes) -> np.ndarray | ImageDecodeError:
             try:
-                arrays.append(self.prepare(data, max_pixels=max_pixels))
-                idx.append(i)
+                return self.prepare(data, max_pixels=max_pixels)
             except ImageDecodeError as exc:
-                out[i] = exc
+                return exc
             except Exception as exc:  # noqa: BLE001 - never let one odd file fail the batch
-                out[i] = ImageDecodeError(f"image could not be read ({type(exc).__name__}: {exc})")
+                return ImageDecodeError(f"image could not be read ({type(exc).__name__}: {exc})")
+
+        # OpenCV releases the GIL while decoding and resizing, so a few threads overlap the per-image work
+        prepared = list(self._decode_pool().map(one, items)) if len(items) > 1 else [one(d) for d in items]
+        arrays, idx = [], []
+        for i, item in enumerate(prepared):
+            if isinstance(item, ImageDecodeError):
+                out[i] = item
+            else:
+                arrays.append(item)
+                idx.append(i)
         if arrays:
             probs = self.predict_arrays(np.stack(arrays))
             for i, p in zip(idx, probs, strict=True):
