@@ -127,22 +127,14 @@ def train_and_export(
     created = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
     cmd = command or " ".join(shlex.quote(a) for a in sys.argv)
     meta = {
-        "name": "tutorial" if arch == "baseline" else "cnn",
+        **contract_meta(
+            name="tutorial" if arch == "baseline" else "cnn",
+            arch=arch,
+            size=size,
+            temperature=temperature,
+            thresholds=thresholds,
+        ),
         "created": created,
-        "arch": arch,
-        "input_size": size,
-        "input_channels": 3 if arch == "baseline" else 1,
-        "preprocess_version": PREPROCESS_VERSION,
-        "classes": list(CLASSES),
-        "output": "calibrated probabilities: softmax(mean member logits / temperature)",
-        "temperature": round(temperature, 6),
-        "thresholds": thresholds,
-        "triage_rules": [
-            "p_covid >= thresholds.covid -> 'COVID-19 suspected'",
-            "else p_pneumonia >= thresholds.pneumonia -> 'pneumonia suspected'",
-            "else p_normal >= thresholds.normal -> 'likely normal'",
-            "else 'refer to a radiologist'",
-        ],
         "seeds": list(seeds),
         "seeds_trained": list(all_seeds),
         "selection": "single seed with the lowest validation loss"
@@ -181,6 +173,27 @@ def _members_text(meta: dict) -> str:
             "validation loss)"
         )
     return f"An ensemble of {len(seeds)} members (seeds {', '.join(map(str, seeds))}, logits averaged)"
+
+
+def contract_meta(*, name: str, arch: str, size: int, temperature: float, thresholds: dict) -> dict:
+    """The part of meta.json that tells a loader how to feed the model and read its output."""
+    return {
+        "name": name,
+        "arch": arch,
+        "input_size": size,
+        "input_channels": 3 if arch == "baseline" else 1,
+        "preprocess_version": PREPROCESS_VERSION,
+        "classes": list(CLASSES),
+        "output": "calibrated probabilities: softmax(mean member logits / temperature)",
+        "temperature": round(temperature, 6),
+        "thresholds": thresholds,
+        "triage_rules": [
+            "p_covid >= thresholds.covid -> 'COVID-19 suspected'",
+            "else p_pneumonia >= thresholds.pneumonia -> 'pneumonia suspected'",
+            "else p_normal >= thresholds.normal -> 'likely normal'",
+            "else 'refer to a radiologist'",
+        ],
+    }
 
 
 def model_card(meta: dict) -> str:

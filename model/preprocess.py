@@ -282,7 +282,11 @@ def prepare(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
 
 def make_thumbnail(data: bytes, max_side: int = 160) -> bytes:
     """Return PNG bytes of an 8-bit preview whose longest side is at most max_side."""
-    gray = decode_image(data)
+    return thumbnail_png(decode_image(data), max_side)
+
+
+def thumbnail_png(gray: np.ndarray, max_side: int = 160) -> bytes:
+    """PNG bytes of an 8-bit preview of an already decoded image (decode_image output)."""
     h, w = gray.shape
     scale = min(1.0, max_side / max(h, w))
     if scale < 1.0:

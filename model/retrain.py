@@ -24,7 +24,7 @@ from model.data import (
     read_dataset,
     sha256_file,
 )
-from model.preprocess import PREPROCESS_VERSION, ImageDecodeError, prepare
+from model.preprocess import ImageDecodeError, prepare
 
 EXTRA_VAL_FRACTION = 0.15
 
@@ -117,7 +117,7 @@ def train_candidate(
     from model.artifact import build_ensemble, ensemble_logits, write_artifact
     from model.calibrate import fit_temperature, fit_thresholds, softmax
     from model.metrics import headline, summarise
-    from model.pipeline import model_card
+    from model.pipeline import contract_meta, model_card
     from model.train import TrainConfig, configure_tf, input_size, to_model_input, train_network
 
     configure_tf()
@@ -170,22 +170,10 @@ def train_candidate(
     log(f"candidate: T={temperature:.3f} thresholds={thresholds} val {headline(val_m)} extra {n_extra}")
     records = read_dataset(base_root)
     meta = {
-        "name": "cnn-retrained",
+        **contract_meta(
+            name="cnn-retrained", arch=arch, size=size, temperature=temperature, thresholds=thresholds
+        ),
         "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
-        "arch": arch,
-        "input_size": size,
-        "input_channels": 3 if arch == "baseline" else 1,
-        "preprocess_version": PREPROCESS_VERSION,
-        "classes": list(CLASSES),
-        "output": "calibrated probabilities: softmax(mean member logits / temperature)",
-        "temperature": round(temperature, 6),
-        "thresholds": thresholds,
-        "triage_rules": [
-            "p_covid >= thresholds.covid -> 'COVID-19 suspected'",
-            "else p_pneumonia >= thresholds.pneumonia -> 'pneumonia suspected'",
-            "else p_normal >= thresholds.normal -> 'likely normal'",
-            "else 'refer to a radiologist'",
-        ],
         "seeds": list(seeds),
         "epochs_max": epochs,
         "members": [],

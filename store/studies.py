@@ -166,6 +166,23 @@ def mark_queued(session: Session, *, study_ids: Sequence[int], lease_s: int) -> 
     return sorted(rows)
 
 
+def _fail_out_of_attempts(session: Session, where: Any, max_attempts: int, now: datetime) -> None:
+    """FAILED, with the readable reason, for the studies matching `where` that used up their deliveries."""
+    session.execute(
+        update(Study)
+        .where(where, Study.attempts >= max_attempts)
+        .values(
+            status=StudyStatus.FAILED,
+            error=out_of_attempts_reason(max_attempts),
+            claim_token=None,
+            lease_expires_at=None,
+            finished_at=now,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
 def chunked(ids: Iterable[int], size: int) -> list[list[int]]:
     """Split ids into lists of at most size."""
     ids = list(ids)
@@ -190,19 +207,7 @@ def claim_studies(
             or_(Study.lease_expires_at < now, Study.claim_token == token),
         ),
     )
-    session.execute(
-        update(Study)
-        .where(Study.id.in_(study_ids), claimable, Study.attempts >= max_attempts)
-        .values(
-            status=StudyStatus.FAILED,
-            error=out_of_attempts_reason(max_attempts),
-            claim_token=None,
-            lease_expires_at=None,
-            finished_at=now,
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    )
+    _fail_out_of_attempts(session, and_(Study.id.in_(study_ids), claimable), max_attempts, now)
     session.execute(
         update(Study)
         .where(Study.id.in_(study_ids), claimable, Study.attempts < max_attempts)
@@ -391,19 +396,7 @@ def reconcile(
             Study.status == StudyStatus.RECEIVED, Study.created_at < now - timedelta(seconds=queued_lease_s)
         ),
     )
-    session.execute(
-        update(Study)
-        .where(expired, Study.attempts >= max_attempts)
-        .values(
-            status=StudyStatus.FAILED,
-            error=out_of_attempts_reason(max_attempts),
-            claim_token=None,
-            lease_expires_at=None,
-            finished_at=now,
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    )
+    _fail_out_of_attempts(session, expired, max_attempts, now)
     return sorted(
         session.execute(
             update(Study)

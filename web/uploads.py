@@ -33,6 +33,7 @@ from model.preprocess import (
     image_dimensions,
     make_thumbnail,
     sniff_format,
+    thumbnail_png,
 )
 from store.audit import record_event
 from store.config import Settings
@@ -107,19 +108,6 @@ def _failed(
 ) -> ValidatedFile:
     w, h = dims or (None, None)
     return ValidatedFile(name=name, data=None, size_bytes=size, fmt=fmt, width=w, height=h, error=error)
-
-
-def _thumbnail(gray: np.ndarray) -> bytes:
-    h, w = gray.shape
-    scale = min(1.0, THUMBNAIL_SIDE / max(h, w))
-    if scale < 1.0:
-        gray = cv2.resize(
-            gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
-        )
-    ok, buf = cv2.imencode(".png", np.clip(gray * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    if not ok:
-        raise ImageDecodeError("preview could not be encoded")
-    return buf.tobytes()
 
 
 def _placeholder_png() -> bytes:
@@ -225,7 +213,7 @@ def validate_file(
     try:
         if fmt == "dicom":
             # DICOM is rare and its codecs fail in many ways: decode it in full now; the preview is then free.
-            thumb = _thumbnail(decode_image(data, max_pixels=settings.max_image_pixels))
+            thumb = thumbnail_png(decode_image(data, max_pixels=settings.max_image_pixels), THUMBNAIL_SIDE)
         else:
             check_structure(data, fmt)
     except ImageDecodeError as exc:
