@@ -251,39 +251,18 @@ def complete_study(
     elapsed_ms: float,
 ) -> bool:
     """RUNNING (held by token) -> DONE plus its prediction, atomically. False if the claim was lost."""
-    now = utcnow()
-    changed = session.execute(
-        update(Study)
-        .where(Study.id == study_id, Study.status == StudyStatus.RUNNING, Study.claim_token == token)
-        .values(
-            status=StudyStatus.DONE,
-            error=None,
-            claim_token=None,
-            lease_expires_at=None,
-            finished_at=now,
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    if changed != 1:
-        return False
-    stmt = (
-        insert_ignore(session, Prediction)
-        .values(
-            study_id=study_id,
-            model_version_id=model_version_id,
-            label=label,
-            p_covid=float(p_covid),
-            p_normal=float(p_normal),
-            p_pneumonia=float(p_pneumonia),
-            triage=triage,
-            elapsed_ms=float(elapsed_ms),
-            created_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["study_id", "model_version_id"])
-    )
-    session.execute(stmt)
-    return True
+    result = {
+        "study_id": study_id,
+        "label": label,
+        "p_covid": p_covid,
+        "p_normal": p_normal,
+        "p_pneumonia": p_pneumonia,
+        "triage": triage,
+        "elapsed_ms": elapsed_ms,
+    }
+    return complete_studies(session, token=token, model_version_id=model_version_id, results=[result]) == [
+        study_id
+    ]
 
 
 def complete_studies(
