@@ -136,3 +136,16 @@ def shared_data() -> Path:
     """../shared/data, or a skip when this checkout has no shared/ beside it."""
     require_shared_data()
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def predictor():  # noqa: ANN201
+    """The committed default model, loaded as the worker loads it, once per test session."""
+    from model.serve import load_predictor
+
+    try:
+        return load_predictor()
+    except FileNotFoundError as exc:
+        if IN_CI:
+            raise
+        pytest.skip(f"no trained model artifact yet: {exc}")

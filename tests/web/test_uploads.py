@@ -20,7 +20,7 @@ from store.config import load_settings
 from store.db import session_scope
 from store.studies import create_batch, mark_queued
 from store.tables import Batch, Image, Study, StudyStatus, User
-from tests.conftest import IN_CI, SHARED_DATA, make_user
+from tests.conftest import SHARED_DATA, make_user
 from tests.web.conftest import corrupt_png, huge_png_header, jpeg_bytes, png_bytes, png_chunk, upload
 from web import uploads
 from web.uploads import clean_filename, ingest_files, submit_batch, validate_file
@@ -356,19 +356,6 @@ def garbage_idat_png() -> bytes:
     """A 64×64 PNG with valid chunks and CRCs around compressed data that is garbage: passes upload checks."""
     garbage = b"\x78\x9c" + bytes(range(7, 250, 3)) * 4  # a zlib header, then nothing deflate can read
     return _png([(b"IHDR", _IHDR_64), (b"IDAT", garbage), (b"IEND", b"")])
-
-
-@pytest.fixture(scope="module")
-def predictor():  # noqa: ANN201
-    """The committed default model (as the worker loads it), once for this module."""
-    from model.serve import load_predictor
-
-    try:
-        return load_predictor()
-    except FileNotFoundError as exc:
-        if IN_CI:
-            raise
-        pytest.skip(f"no trained model artifact yet: {exc}")
 
 
 def test_valid_structure_garbage_pixels_fails_in_the_worker(batch_session, settings, predictor) -> None:  # noqa: ANN001

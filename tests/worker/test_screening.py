@@ -11,7 +11,6 @@ from sqlalchemy import update
 from store.config import Settings, load_settings
 from store.db import session_scope
 from store.tables import Study, StudyStatus, utcnow
-from tests.conftest import IN_CI
 from tests.integration.helpers import CORRUPT_PNG, assert_done_exactly_once, outcome
 from tests.procs import sample_images
 from tests.worker.conftest import Seeded, seed
@@ -24,19 +23,6 @@ from worker.screening import (
     screen_chunk,
     split_suspects,
 )
-
-
-@pytest.fixture(scope="module")
-def predictor():  # noqa: ANN201
-    """The committed default model, loaded once for this module."""
-    from model.serve import load_predictor
-
-    try:
-        return load_predictor()
-    except FileNotFoundError as exc:
-        if IN_CI:
-            raise
-        pytest.skip(f"no trained model artifact yet: {exc}")
 
 
 def _settings(url: str) -> Settings:
