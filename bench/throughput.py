@@ -140,6 +140,9 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         "--chunk-size", type=int, help="CXR_CHUNK_SIZE for web and worker (default: the setting's)"
     )
     ap.add_argument("--concurrency", type=int, default=1, help="worker pool processes (default 1)")
+    ap.add_argument(
+        "--worker-threads", type=int, help="CXR_SERVE_THREADS of each worker process (raw keeps its default)"
+    )
     ap.add_argument("--upload-workers", type=int, default=2, help="parallel upload requests")
     ap.add_argument("--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
@@ -181,6 +184,8 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         extra: dict[str, object] = {"model_dir": model_dir}
         if args.chunk_size:
             extra["chunk_size"] = args.chunk_size
+        if args.worker_threads:
+            extra["serve_threads"] = args.worker_threads
         env = service_env(tmp, database_url=url, broker_url=args.redis_url, **extra)
         settings = settings_from_env(env)
         chunk = settings.chunk_size
