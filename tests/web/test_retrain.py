@@ -93,6 +93,10 @@ def test_rescreen_keeps_old_predictions_and_enqueues_after_commit(
     assert "Re-screen with the serving model" in alice.get(f"/batches/{batch_id}").get_data(as_text=True)
     v2 = add_model(url, "v2", serving=True)
     assert bob.post(f"/batches/{batch_id}/rescreen").status_code == 404
+    make_user(url, "rev", role=Role.REVIEWER)
+    rev = login("rev")
+    assert rev.get(f"/batches/{batch_id}").status_code == 200  # reviewers see every clinic's batches...
+    assert rev.post(f"/batches/{batch_id}/rescreen").status_code == 404  # ...only owner or admin change it
     assert alice.post(f"/batches/{batch_id}/rescreen").status_code == 302
     assert sent[-1] == [s1, s2]  # the fake sender saw them QUEUED from its own session: committed first
     with session_scope(url) as s:
