@@ -123,7 +123,6 @@ def train_and_export(
     )
 
     ensemble = build_ensemble(members, temperature, probs_output=probs_output)
-    records = read_dataset(data)
     created = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
     cmd = command or " ".join(shlex.quote(a) for a in sys.argv)
     meta = {
@@ -143,17 +142,9 @@ def train_and_export(
         "split_seed": 20260401,
         "epochs_max": epochs,
         "members": per_member,
-        "data": {
-            "dataset_sha256": dataset_fingerprint(data, records),
-            "split_file": str(Path(split_path).resolve().relative_to(REPO_ROOT))
-            if Path(split_path).resolve().is_relative_to(REPO_ROOT)
-            else str(split_path),
-            "split_sha256": sha256_file(split_path),
-            "n_images": {k: len(v) for k, v in split.items()},
-        },
+        "data": data_meta(data, split_path, split),
         "metrics": {"val": headline(val_m), "test": headline(test_m)},
         "reproduce": cmd,
-        "serving": {"format": "tflite", "file": "model.tflite", "runtime": "LiteRT interpreter (XNNPACK)"},
     }
     card = model_card(meta)
     write_artifact(Path(out), ensemble, meta, card)
@@ -193,6 +184,20 @@ def contract_meta(*, name: str, arch: str, size: int, temperature: float, thresh
             "else p_normal >= thresholds.normal -> 'likely normal'",
             "else 'refer to a radiologist'",
         ],
+        "serving": {"format": "tflite", "file": "model.tflite", "runtime": "LiteRT interpreter (XNNPACK)"},
+    }
+
+
+def data_meta(data: Path, split_path: Path, split: dict[str, list]) -> dict:
+    """What the model was trained on: dataset and split hashes, split file, images per split."""
+    split_path = Path(split_path)
+    return {
+        "dataset_sha256": dataset_fingerprint(data, read_dataset(data)),
+        "split_file": str(split_path.resolve().relative_to(REPO_ROOT))
+        if split_path.resolve().is_relative_to(REPO_ROOT)
+        else str(split_path),
+        "split_sha256": sha256_file(split_path),
+        "n_images": {k: len(v) for k, v in split.items()},
     }
 
 

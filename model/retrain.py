@@ -15,14 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from model import CLASSES, REPO_ROOT
+from model import CLASSES
 from model.data import (
-    dataset_fingerprint,
     labels_of,
     load_arrays,
     load_or_make_split,
-    read_dataset,
-    sha256_file,
 )
 from model.preprocess import ImageDecodeError, prepare
 
@@ -117,7 +114,7 @@ def train_candidate(
     from model.artifact import build_ensemble, ensemble_logits, write_artifact
     from model.calibrate import fit_temperature, fit_thresholds, softmax
     from model.metrics import headline, summarise
-    from model.pipeline import contract_meta, model_card
+    from model.pipeline import contract_meta, data_meta, model_card
     from model.train import TrainConfig, configure_tf, input_size, to_model_input, train_network
 
     configure_tf()
@@ -168,7 +165,6 @@ def train_candidate(
     val_m = summarise(pv, y["val"], thresholds)
     n_extra = {k: len(v) for k, v in ex_y.items()}
     log(f"candidate: T={temperature:.3f} thresholds={thresholds} val {headline(val_m)} extra {n_extra}")
-    records = read_dataset(base_root)
     meta = {
         **contract_meta(
             name="cnn-retrained", arch=arch, size=size, temperature=temperature, thresholds=thresholds
@@ -178,12 +174,7 @@ def train_candidate(
         "epochs_max": epochs,
         "members": [],
         "data": {
-            "dataset_sha256": dataset_fingerprint(base_root, records),
-            "split_file": str(split_path.resolve().relative_to(REPO_ROOT))
-            if split_path.resolve().is_relative_to(REPO_ROOT)
-            else str(split_path),
-            "split_sha256": sha256_file(split_path),
-            "n_images": {k: len(v) for k, v in split.items()},
+            **data_meta(base_root, split_path, split),
             "reviewed_images": n_extra,
             "reviewed_skipped_undecodable": skipped,
             "shuffled_labels": shuffle_labels,
@@ -191,7 +182,6 @@ def train_candidate(
         # The locked test split is scored by the gate (score_on_locked_set), not here.
         "metrics": {"val": headline(val_m), "test": headline(val_m)},
         "reproduce": "scheduled retraining (worker/retrain.py); see docs/retraining.md",
-        "serving": {"format": "tflite", "file": "model.tflite", "runtime": "LiteRT interpreter (XNNPACK)"},
     }
     card = model_card(meta).replace(
         "**Test-split results**",

@@ -19,14 +19,22 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(PREFIX + name, default)
 
 
-def _int(name: str, default: int) -> int:
+def _number(name: str, default: float, kind: type, what: str):  # noqa: ANN202
     raw = _env(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        return kind(raw)
     except ValueError as exc:
-        raise ConfigError(f"{PREFIX}{name} must be an integer, got {raw!r}") from exc
+        raise ConfigError(f"{PREFIX}{name} must be {what}, got {raw!r}") from exc
+
+
+def _int(name: str, default: int) -> int:
+    return _number(name, default, int, "an integer")
+
+
+def _float(name: str, default: float) -> float:
+    return _number(name, default, float, "a number")
 
 
 @dataclass(frozen=True)
@@ -70,16 +78,6 @@ class Settings:
     def uses_filesystem_broker(self) -> bool:
         """True for the embedded broker that needs no server."""
         return self.broker_url.startswith("filesystem://")
-
-
-def _float(name: str, default: float) -> float:
-    raw = _env(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{PREFIX}{name} must be a number, got {raw!r}") from exc
 
 
 def _retrain_settings(data_dir: Path) -> dict:
