@@ -189,18 +189,11 @@ def validate_file(
     pixels = width * height
     if pixels > settings.max_image_pixels:
         # Refused from the header alone: a decompression bomb never reaches the decoder.
-        return ValidatedFile(
-            name=name,
-            data=None,
-            size_bytes=size,
-            fmt=fmt,
-            width=width,
-            height=height,
-            error=(
-                f"The image is {width}×{height} pixels ({pixels / 1e6:.0f} megapixels), over the "
-                f"{settings.max_image_pixels / 1e6:.0f} megapixel limit; it was not decoded."
-            ),
+        reason = (
+            f"The image is {width}×{height} pixels ({pixels / 1e6:.0f} megapixels), over the "
+            f"{settings.max_image_pixels / 1e6:.0f} megapixel limit; it was not decoded."
         )
+        return _failed(name, size, reason, fmt, (width, height))
     if min(width, height) < MIN_IMAGE_SIDE:
         return _failed(
             name,
