@@ -19,6 +19,8 @@ ARCHS: dict[str, dict] = {
     "tiny": {"size": 64, "widths": (8, 16, 32), "sep_from": 9, "reps": (1, 1, 1)},
     "cxr_s": {"size": 192, "widths": (16, 32, 64, 96, 128), "sep_from": 9, "reps": (1, 1, 1, 2, 2)},
     "cxr_slim": {"size": 192, "widths": (16, 32, 64, 96, 128), "sep_from": 3, "reps": (1, 1, 1, 2, 2)},
+    # session 2 candidate: the same network at a higher resolution (subtle opacities), 1.36x the FLOPs
+    "cxr_slim224": {"size": 224, "widths": (16, 32, 64, 96, 128), "sep_from": 3, "reps": (1, 1, 1, 2, 2)},
     "cxr_m": {"size": 224, "widths": (16, 32, 64, 128, 192), "sep_from": 9, "reps": (1, 1, 2, 2, 2)},
     "cxr_sep": {"size": 224, "widths": (24, 48, 96, 192, 256), "sep_from": 2, "reps": (1, 1, 2, 2, 2)},
 }
