@@ -17,7 +17,7 @@ HZ = os.sysconf("SC_CLK_TCK")
 PARTS = (
     ("waitress", "web"),
     ("celery worker", "worker"),
-    ("throughput.py", "bench driver (raw runs + upload client)"),
+    ("throughput.py", "bench driver (upload client, polling; raw runs)"),
     ("postgres", "postgres"),
     ("redis", "redis"),
 )
@@ -38,6 +38,28 @@ def cpu_seconds(pid: str) -> tuple[str, float] | None:
     except OSError:
         return None
     return cmd, (int(fields[11]) + int(fields[12])) / HZ
+
+
+def snapshot() -> dict[tuple[str, str], float]:
+    """(part, pid) -> CPU seconds so far, for every process that belongs to a part of the service now."""
+    out: dict[tuple[str, str], float] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        got = cpu_seconds(pid)
+        part = part_of(got[0]) if got else None
+        if got is not None and part is not None:
+            out[(part, pid)] = got[1]
+    return out
+
+
+Snapshot = dict[tuple[str, str], float]
+
+
+def cpu_between(before: Snapshot, after: Snapshot) -> dict[str, float]:
+    """CPU seconds per part used between two snapshots (a process started in between counts from zero)."""
+    total: collections.Counter[str] = collections.Counter()
+    for key, value in after.items():
+        total[key[0]] += value - before.get(key, 0.0)
+    return dict(total)
 
 
 def main(seconds: float) -> None:

@@ -41,6 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import requests  # noqa: E402
 from sqlalchemy import create_engine, func, select, text  # noqa: E402
 
+from bench.cpu_by_process import cpu_between, snapshot  # noqa: E402
 from model import shared_data_dir  # noqa: E402
 from store import migrate  # noqa: E402
 from store.db import dispose_all, session_scope  # noqa: E402
@@ -61,16 +62,17 @@ def load_images(n: int) -> list[tuple[str, bytes]]:
     return [(files[i % len(files)].name, files[i % len(files)].read_bytes()) for i in range(n)]
 
 
-def raw_rate(images: list[bytes], chunk: int, model_dir: Path) -> tuple[float, str]:
-    """Studies/s of the model alone in this process, chunked as the worker does (after one warm-up chunk)."""
+def raw_rate(images: list[bytes], chunk: int, model_dir: Path) -> tuple[float, str, float]:
+    """(studies/s, version, CPU ms/study) of the model alone in this process, chunked as the worker does."""
     from model.serve import load_predictor
 
     predictor = load_predictor(model_dir)
-    predictor.predict_bytes(images[:chunk])
-    t0 = time.perf_counter()
+    predictor.predict_bytes(images[:chunk])  # warm-up
+    t0, c0 = time.perf_counter(), time.process_time()  # process_time: every thread of this process
     for i in range(0, len(images), chunk):
         predictor.predict_bytes(images[i : i + chunk])
-    return len(images) / (time.perf_counter() - t0), predictor.version
+    cpu_ms = (time.process_time() - c0) * 1000.0 / len(images)
+    return len(images) / (time.perf_counter() - t0), predictor.version, cpu_ms
 
 
 def proc_tree_rss_kib(pid: int) -> dict[int, tuple[int, int]]:
@@ -192,7 +194,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
 
         # 1. Raw model throughput, alone (of this benchmark's processes). Measured again after the end-to-end
         # run and averaged: on a shared machine the available CPU drifts during the run.
-        rate_before, version = raw_rate(data, chunk, model_dir)
+        rate_before, version, raw_cpu_before = raw_rate(data, chunk, model_dir)
         report.update(model_version=version, chunk_size=chunk)
         print(f"raw model: {rate_before:.1f} studies/s (model {version}, chunks of {chunk})", flush=True)
 
@@ -227,6 +229,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
 
         # 3. End to end through the web API: groups uploaded and started while the worker already runs.
         before = counts(url)[0]
+        cpu0 = snapshot()
         t0 = time.monotonic()
         r = api.post(f"{base}/api/v1/batches", json={"name": f"bench {args.studies}"}, timeout=60)
         r.raise_for_status()
@@ -249,10 +252,12 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         uploaded = time.monotonic()
         t1 = wait_finished(url, before + args.studies, 3600, poll=0.1)
         e2e = args.studies / (t1 - t0)
+        cpu_parts = cpu_between(cpu0, snapshot())
         stop_all([web])  # the web's idle threads must not share the CPU with the second raw measurement
         procs.remove(web)
-        rate_after, _ = raw_rate(data, chunk, model_dir)
+        rate_after, _, raw_cpu_after = raw_rate(data, chunk, model_dir)
         rate = (rate_before + rate_after) / 2
+        raw_cpu = (raw_cpu_before + raw_cpu_after) / 2
         print(f"raw model again: {rate_after:.1f} studies/s; mean {rate:.1f}", flush=True)
         report.update(
             raw_studies_per_s=round(rate, 1), raw_before=round(rate_before, 1), raw_after=round(rate_after, 1)
@@ -271,6 +276,25 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             f"end to end: {e2e:.1f} studies/s = {e2e / rate:.2f} x raw "
             f"({prog.done} DONE, {prog.failed} FAILED; "
             f"uploads took {uploaded - t0:.1f} s, the last results {t1 - uploaded:.1f} s after)",
+            flush=True,
+        )
+
+        # CPU per study, which (unlike studies/s) other jobs on a shared machine do not change much: what
+        # the model costs alone, and what each part of the service spent during the end-to-end run.
+        per_study = {part: cpu * 1000.0 / args.studies for part, cpu in cpu_parts.items()}
+        overhead = sum(per_study.values()) - raw_cpu
+        report["cpu_ms_per_study"] = {"raw_model": round(raw_cpu, 2)} | {
+            k: round(v, 2) for k, v in sorted(per_study.items())
+        }
+        print(f"CPU per study: raw model {raw_cpu:.2f} ms; during end to end:", flush=True)
+        for part, ms in sorted(per_study.items(), key=lambda kv: -kv[1]):
+            print(f"  {part:42s} {ms:6.2f} ms", flush=True)
+        ceiling = raw_cpu / (raw_cpu + overhead)
+        report["ratio_ceiling_on_shared_cores"] = round(ceiling, 2)
+        print(
+            f"  everything beyond the model: {overhead:.2f} ms of CPU per study -> with every part sharing "
+            f"these cores, end to end cannot beat {ceiling:.2f} x raw "
+            f"(0.7 needs <= {raw_cpu * 3 / 7:.2f} ms)",
             flush=True,
         )
 
