@@ -144,7 +144,7 @@ def train_candidate(
     runs_dir = Path(runs_dir or out_dir.parent / f"{out_dir.name}-members")
     members = []
     for i, seed in enumerate(seeds):
-        cfg = TrainConfig(arch=arch, seed=seed, epochs=epochs)  # the default model's recipe
+        cfg = TrainConfig(arch=arch, seed=seed, epochs=epochs, min_epochs=min(15, max(1, epochs // 2)))
         members.append(
             train_network(
                 cfg,
