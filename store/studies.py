@@ -232,8 +232,16 @@ def claim_studies(
 
 def load_image_bytes(session: Session, *, studies: Sequence[Study]) -> dict[int, bytes | None]:
     """Image bytes for each study id (None when the study has no stored image)."""
-    shas = {s.image_sha256 for s in studies if s.image_sha256}
-    data = dict(session.execute(select(Image.sha256, Image.data).where(Image.sha256.in_(shas))).all())
+    shas = sorted({s.image_sha256 for s in studies if s.image_sha256})
+    if session.get_bind().dialect.name == "postgresql":
+        # Binary result format: bytea arrives as raw bytes, not hex text twice its size that PostgreSQL
+        # encodes and the driver decodes (measured: ~15% of a worker's CPU outside the model).
+        driver = session.connection().connection.driver_connection
+        with driver.cursor(binary=True) as cur:
+            cur.execute(f"SELECT sha256, data FROM {Image.__tablename__} WHERE sha256 = ANY(%s)", (shas,))
+            data = {sha: bytes(blob) for sha, blob in cur.fetchall()}
+    else:
+        data = dict(session.execute(select(Image.sha256, Image.data).where(Image.sha256.in_(shas))).all())
     return {s.id: data.get(s.image_sha256) if s.image_sha256 else None for s in studies}
 
 
@@ -311,10 +319,12 @@ def complete_studies(
             }
             for sid in changed
         ]
-        session.execute(
-            insert_ignore(session, Prediction)
-            .values(rows)
-            .on_conflict_do_nothing(index_elements=["study_id", "model_version_id"])
+        # executemany of one cached statement: a multi-row .values(rows) is compiled anew for every chunk
+        session.connection().execute(
+            insert_ignore(session, Prediction).on_conflict_do_nothing(
+                index_elements=["study_id", "model_version_id"]
+            ),
+            rows,
         )
     return changed
 
