@@ -331,7 +331,7 @@ def ingest_files(
 
     The whole upload goes to SQL in a few statements (store.studies.add_studies); returns the ids in order.
     """
-    studies = add_studies(
+    return add_studies(
         session,
         batch=batch,
         files=[
@@ -350,7 +350,6 @@ def ingest_files(
             for checked in _iter_checked(files, settings, patient_id=patient_id)
         ],
     )
-    return [study.id for study in studies]
 
 
 def send_screen_chunks(study_ids: Sequence[int]) -> None:

@@ -16,7 +16,7 @@ def test_add_studies_dedupes_images_keeps_order_and_rejections(db_url: str) -> N
         user = create_user(s, username="bulk", password="correct horse battery")
         batch = create_batch(s, owner=user, name="bulk")
         earlier = add_study(s, batch=batch, filename="earlier.png", data=b"AAA")
-        studies = add_studies(
+        ids = add_studies(
             s,
             batch=batch,
             files=[
@@ -27,7 +27,6 @@ def test_add_studies_dedupes_images_keeps_order_and_rejections(db_url: str) -> N
                 {"filename": "x" * 600, "data": None, "error": "Not an image.", "size_bytes": 42},
             ],
         )
-        ids = [st.id for st in studies]
         assert all(ids) and ids == sorted(ids) and ids[0] > earlier.id
     with session_scope(db_url) as s:
         rows = {st.id: st for st in s.scalars(select(Study).where(Study.id.in_(ids)))}
