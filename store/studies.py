@@ -215,7 +215,9 @@ def claim_studies(
         ),
     )
     _fail_out_of_attempts(session, and_(Study.id.in_(study_ids), claimable), max_attempts, now)
-    session.execute(
+    # UPDATE ... RETURNING the claimed rows: one round trip, and exactly the rows this statement changed
+    # (a study already ours, redelivered with the same token, is claimed again and counted).
+    claimed = session.scalars(
         update(Study)
         .where(Study.id.in_(study_ids), claimable, Study.attempts < max_attempts)
         .values(
@@ -225,16 +227,10 @@ def claim_studies(
             lease_expires_at=now + timedelta(seconds=lease_s),
             updated_at=now,
         )
-        .execution_options(synchronize_session=False)
+        .returning(Study)
+        .execution_options(synchronize_session=False, populate_existing=True)
     )
-    return list(
-        session.scalars(
-            select(Study)
-            .where(Study.id.in_(study_ids), Study.status == StudyStatus.RUNNING, Study.claim_token == token)
-            .order_by(Study.id)
-            .execution_options(populate_existing=True)
-        )
-    )
+    return sorted(claimed, key=lambda st: st.id)
 
 
 def load_image_bytes(session: Session, *, studies: Sequence[Study]) -> dict[int, bytes | None]:
@@ -308,6 +304,7 @@ def complete_studies(
                 updated_at=now,
             )
             .returning(Study.id)
+            .execution_options(synchronize_session=False)  # no in-session objects to evaluate the WHERE on
         ).scalars()
     )
     if changed:

@@ -3,9 +3,9 @@
 The chunk protocol, all through store.studies' compare-and-set functions:
   1. a chunk holding a study that was delivered before (it may have crashed a worker) is split into
      one task per such study, so a poison study can only take itself down;
-  2. claim (QUEUED -> RUNNING, attempts + 1, token = the Celery task id) and COMMIT at once, so no
+  2. claim (QUEUED -> RUNNING, attempts + 1, token = the Celery task id), read the bytes and COMMIT, so no
      lock is held on SQLite or PostgreSQL while the model runs;
-  3. load the bytes, run the model on the whole chunk as one array;
+  3. run the model on the whole chunk as one array;
   4. write every result (DONE with its prediction, or FAILED with a readable reason) and commit.
 """
 
@@ -221,14 +221,16 @@ def screen_chunk(
         lease_s=settings.running_lease_s,
         max_attempts=settings.max_attempts,
     )
-    session.commit()  # the claim is visible (progress shows RUNNING) and no lock is held during inference
     held = [s.id for s in claimed]
     outcome.not_claimed = sorted(set(study_ids) - set(held))
     if not claimed:
+        session.commit()  # out-of-attempts studies may have been marked FAILED
         return outcome
     try:
+        # Read in the claim's transaction (one commit fewer); the commit makes the claim visible (progress
+        # shows RUNNING) and no lock is held during inference.
         images = load_image_bytes(session, studies=claimed)
-        session.commit()  # end the read transaction before the long inference
+        session.commit()
         runnable = [sid for sid in held if images.get(sid)]
         for sid in held:
             if not images.get(sid) and fail_study(session, study_id=sid, token=token, reason=NO_IMAGE_REASON):
