@@ -178,6 +178,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         "--chunk-size", type=int, help="CXR_CHUNK_SIZE for web and worker (default: the setting's)"
     )
     ap.add_argument("--concurrency", type=int, default=1, help="worker pool processes (default 1)")
+    ap.add_argument("--pool", default="prefork", help="Celery pool of the worker (prefork, solo, threads)")
     ap.add_argument(
         "--worker-threads", type=int, help="CXR_SERVE_THREADS of each worker process (raw keeps its default)"
     )
@@ -254,7 +255,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
 
         web, base = start_web(env)
         procs.append(web)
-        worker = start_worker(env, concurrency=args.concurrency)
+        worker = start_worker(env, concurrency=args.concurrency, pool=args.pool)
         procs.append(worker)
         if args.layout == "split":
             pin(process_tree(worker.pid), infer_cpus)

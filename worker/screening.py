@@ -133,11 +133,19 @@ def model_version_id(database_url: str, predictor: Any) -> int:
     return mv_id
 
 
-def _serving_row(database_url: str) -> tuple[int, str, str] | None:
-    """(id, version, artifact path) of the serving version, or None when the registry is empty."""
-    with session_scope(database_url) as session:
-        mv = serving_version(session)
-        return (mv.id, mv.version, mv.artifact_path) if mv is not None else None
+def _serving_row(database_url: str, session: Session | None = None) -> tuple[int, str, str] | None:
+    """(id, version, artifact path) of the serving version, or None when the registry is empty.
+
+    With a session, the query runs in it and its transaction is committed (nothing stays open while a newly
+    promoted model loads); without, in a session of its own.
+    """
+    if session is None:
+        with session_scope(database_url) as own:
+            return _serving_row(database_url, own)
+    mv = serving_version(session)
+    row = (mv.id, mv.version, mv.artifact_path) if mv is not None else None
+    session.commit()
+    return row
 
 
 _warned: set[str] = set()
@@ -149,7 +157,7 @@ def _warn_once(message: str) -> None:
         log.warning("%s; using the configured model and recording its own version", message)
 
 
-def serving_model(settings: Settings) -> ServingModel:
+def serving_model(settings: Settings, session: Session | None = None) -> ServingModel:
     """The model to use now: the registry's serving version, else the configured one (then registered).
 
     Read for every chunk (one small query), so a promotion takes effect at the next chunk without a
@@ -157,7 +165,7 @@ def serving_model(settings: Settings) -> ServingModel:
     model (CXR_MODEL_DIR or the committed default). If the serving artifact is not on this host, the
     configured model is used and its own version is recorded with each prediction, never the other's.
     """
-    serving = _serving_row(settings.database_url)
+    serving = _serving_row(settings.database_url, session)
     if serving is not None:
         mv_id, version, path = serving
         if Path(path, "meta.json").exists():
@@ -308,9 +316,10 @@ def run_screen_task(
 ) -> ChunkOutcome:
     """One delivery of cxr.screen_chunk: one session; split, or screen; send follow-ups after the commit."""
     ids = sorted({int(i) for i in study_ids})
-    # Loaded (once per process) before the session opens: no transaction stays open while TensorFlow loads.
-    model = serving_model(settings)
-    with session_scope(settings.database_url) as session:
+    # One connection for the whole delivery (no checkout + ping per commit). The serving version is read and
+    # its transaction committed first, so no transaction stays open while a newly promoted model loads.
+    with session_scope(settings.database_url, hold_connection=True) as session:
+        model = serving_model(settings, session)
         chunks = split_suspects(session, study_ids=ids, token=token, settings=settings)
         if chunks is not None:
             session.commit()

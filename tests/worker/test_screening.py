@@ -127,7 +127,7 @@ def test_run_screen_task_splits_without_loading_work(seeded: Seeded, monkeypatch
 
     settings = _settings(seeded.url)
     monkeypatch.setattr(
-        screening, "serving_model", lambda _s: ServingModel(None, seeded.model_version_id, "x")
+        screening, "serving_model", lambda _s, _session=None: ServingModel(None, seeded.model_version_id, "x")
     )
     with session_scope(seeded.url) as session:
         from store.studies import claim_studies
