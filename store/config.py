@@ -148,7 +148,9 @@ def load_settings() -> Settings:
         broker_url=broker_url,
         secret_key=secret_key,
         model_dir=Path(model_dir).resolve() if model_dir else None,
-        chunk_size=_int("CHUNK_SIZE", 32),
+        # 64: as fast end to end as 32 with all processes sharing the cores, and faster with inference on a
+        # core of its own (per-chunk SQL and queue costs halve per study); bench/README.md, session 2.
+        chunk_size=_int("CHUNK_SIZE", 64),
         max_attempts=_int("MAX_ATTEMPTS", 3),
         running_lease_s=running_lease,
         queued_lease_s=_int("QUEUED_LEASE_S", 1800),
