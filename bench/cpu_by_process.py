@@ -64,23 +64,13 @@ def cpu_between(before: Snapshot, after: Snapshot) -> dict[str, float]:
 
 def main(seconds: float) -> None:
     """Sample every 0.2 s for `seconds`, then print CPU seconds per part."""
-    before = {p for p in os.listdir("/proc") if p.isdigit()}
-    first: dict[tuple[str, str], float] = {}
-    last: dict[tuple[str, str], float] = {}
+    first = snapshot()
+    last = dict(first)  # keeps the last reading of processes that exit before the end
     end = time.time() + seconds
     while time.time() < end:
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            got = cpu_seconds(pid)
-            part = part_of(got[0]) if got else None
-            if got is None or part is None:
-                continue
-            first.setdefault((part, pid), got[1] if pid in before else 0.0)
-            last[(part, pid)] = got[1]
+        last.update(snapshot())
         time.sleep(0.2)
-    total: collections.Counter[str] = collections.Counter()
-    for key, value in last.items():
-        total[key[0]] += value - first[key]
-    for part, value in total.most_common():
+    for part, value in sorted(cpu_between(first, last).items(), key=lambda kv: -kv[1]):
         print(f"{part:40s} {value:7.2f} s CPU")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, Insert, create_engine, event
@@ -69,19 +69,11 @@ def session_scope(url: str, *, hold_connection: bool = False) -> Iterator[Sessio
     every commit hands the connection back and the next statement checks one out again, with a ping (a round
     trip each); a worker task that commits three times per chunk saves those.
     """
-    if not hold_connection:
-        session = session_factory(url)()
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
-        return
-    with get_engine(url).connect() as conn:
-        session = Session(bind=conn, expire_on_commit=False)
+    with ExitStack() as stack:
+        if hold_connection:
+            session = Session(bind=stack.enter_context(get_engine(url).connect()), expire_on_commit=False)
+        else:
+            session = session_factory(url)()
         try:
             yield session
             session.commit()
