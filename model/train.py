@@ -35,20 +35,15 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     patience: int = 10
-    # Early stopping cannot fire before this epoch (an early val-loss spike is not convergence); None: 3/4 of
-    # the schedule. 30 of 40 was tried (docs/model.md): better on validation, no better on test, not adopted.
-    min_epochs: int | None = 15
+    # Early stopping cannot fire before this epoch (an early val-loss spike is not convergence).
+    # 30 of 40 was tried (docs/model.md): better on validation, no better on test, not adopted.
+    min_epochs: int = 15
     augment: bool = True
     class_weights: bool = True
     schedule: str = "cosine"  # "cosine" (warm-up + cosine decay over `epochs`) or "plateau"
     weight_decay: float = 1e-4
     ema: float = 0.99  # Polyak averaging of weights per step; validation and the saved model use the average
     extra: dict = field(default_factory=dict)
-
-
-def min_epochs_of(cfg: TrainConfig) -> int:
-    """The first epoch early stopping may act on: cfg.min_epochs, else 3/4 of the schedule."""
-    return cfg.min_epochs if cfg.min_epochs is not None else int(0.75 * cfg.epochs)
 
 
 def class_weights(y: np.ndarray, n_classes: int = 3) -> dict[int, float]:
@@ -200,7 +195,7 @@ def train_network(
             monitor="val_loss",
             patience=cfg.patience,
             restore_best_weights=True,
-            start_from_epoch=min_epochs_of(cfg),
+            start_from_epoch=cfg.min_epochs,
         ),
     ]
     if cfg.schedule != "cosine":
@@ -222,8 +217,7 @@ def train_network(
     )
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     vl = history["val_loss"]
-    first = min_epochs_of(cfg)
-    start = first if len(vl) > first else 0  # EarlyStopping only tracks epochs >= min_epochs
+    start = cfg.min_epochs if len(vl) > cfg.min_epochs else 0  # EarlyStopping tracks epochs >= min_epochs
     best = start + int(np.argmin(vl[start:]))
     model.save(out_dir / "model.keras")
     info = {
