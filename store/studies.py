@@ -453,6 +453,14 @@ def get_batch_for(session: Session, *, user: User, batch_id: int, manage: bool =
     return batch if allowed else None
 
 
+def get_study_for(session: Session, *, user: User, study_id: int) -> Study | None:
+    """The study if this user may see its batch (see get_batch_for), else None -> 404."""
+    study = session.get(Study, study_id)
+    if study is None or get_batch_for(session, user=user, batch_id=study.batch_id) is None:
+        return None
+    return study
+
+
 def study_rows(session: Session, *, batch_id: int) -> list[tuple[Study, Prediction | None]]:
     """Each study of a batch with its latest prediction (or None)."""
     studies = list(session.scalars(select(Study).where(Study.batch_id == batch_id).order_by(Study.id)))

@@ -9,8 +9,8 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from store.reviews import LABELS, ReviewError, review_study
-from store.studies import batch_progress, batches_visible_to, create_batch, get_batch_for
-from store.tables import Batch, Study, User
+from store.studies import batch_progress, batches_visible_to, create_batch, get_batch_for, get_study_for
+from store.tables import Batch, User
 from store.users import user_for_token
 from web.batches import uploaded_files
 from web.db import get_db, get_settings
@@ -167,8 +167,8 @@ def review(study_id: int) -> tuple[Response, int]:
     if user.role not in REVIEW_ROLES:
         abort(403, description="only reviewers and admins may review studies")
     db = get_db()
-    study = db.get(Study, study_id)
-    if study is None or get_batch_for(db, user=user, batch_id=study.batch_id) is None:
+    study = get_study_for(db, user=user, study_id=study_id)
+    if study is None:
         abort(404, description="no such study")
     params = _params()
     label, note = params.get("label"), params.get("note") or ""

@@ -13,8 +13,7 @@ from werkzeug.wrappers import Response
 from wtforms import StringField, TextAreaField
 from wtforms.validators import Length, Optional
 
-from store.studies import batch_progress, batches_visible_to, get_batch_for
-from store.tables import Study
+from store.studies import batch_progress, batches_visible_to, get_batch_for, get_study_for
 from web.auth import current_row
 from web.db import get_db, get_settings
 from web.registry import retraining_progress
@@ -130,8 +129,8 @@ def progress_one(batch_id: int) -> Response:
 def thumbnail(study_id: int) -> Response:
     """A study's preview, for users who may see its batch; made from the stored image on first request."""
     db = get_db()
-    study = db.get(Study, study_id)
-    if study is None or get_batch_for(db, user=current_row(), batch_id=study.batch_id) is None:
+    study = get_study_for(db, user=current_row(), study_id=study_id)
+    if study is None:
         abort(404)
     png = study_thumbnail(db, study=study)
     if not png:

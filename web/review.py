@@ -10,8 +10,8 @@ from wtforms import SelectField, TextAreaField
 from wtforms.validators import DataRequired, Length, Optional
 
 from store.reviews import LABELS, ReviewError, review_study
-from store.studies import get_batch_for
-from store.tables import Role, Study
+from store.studies import get_study_for
+from store.tables import Role
 from web.auth import current_row
 from web.db import get_db
 
@@ -36,8 +36,8 @@ def review(study_id: int) -> Response:
     if user.role not in REVIEW_ROLES:
         abort(403, description="Only reviewers and administrators may review studies.")
     db = get_db()
-    study = db.get(Study, study_id)
-    if study is None or get_batch_for(db, user=user, batch_id=study.batch_id) is None:
+    study = get_study_for(db, user=user, study_id=study_id)
+    if study is None:
         abort(404)
     back = redirect(url_for("reports.report", batch_id=study.batch_id, _anchor=f"study-{study.id}"))
     form = ReviewForm()
