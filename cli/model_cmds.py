@@ -47,66 +47,65 @@ def split_command(data: Path, out: Path, seed: int, force: bool) -> None:
 @model_group.command("train")
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=DEFAULT_DATA)
 @click.option(
-    "--arch",
-    default="cxr_slim",
-    show_default=True,
-    help="cxr_slim | cxr_s | cxr_m | cxr_sep | tiny | baseline",
+    "--arch", default=None, help="Network (model/network.py ARCHS) [default: the shipped recipe's]."
 )
-@click.option(
-    "--seeds", default="1,2,3,4,5", show_default=True, help="Comma-separated seeds, one network each."
-)
-@click.option(
-    "--select",
-    type=click.Choice(["best", "ensemble"]),
-    default="best",
-    show_default=True,
-    help="best: serve the seed with the lowest validation loss; ensemble: average every seed in one graph.",
-)
-@click.option("--epochs", type=int, default=40, show_default=True)
+@click.option("--epochs", type=int, default=None, help="[default: the shipped recipe's]")
+@click.option("--seed", type=int, default=None)
+@click.option("--label-smoothing", type=float, default=None)
+@click.option("--members", default=None, help="Fold networks to serve, e.g. 0,1,2 [default: FLOP budget].")
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Artifact directory [default: model/artifacts/default, or runs/artifacts/baseline].",
+    default=REPO_ROOT / "model" / "artifacts" / "default",
+    show_default=True,
 )
 @click.option("--split", "split_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_SPLIT)
 @click.option(
-    "--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=REPO_ROOT / "runs" / "train"
+    "--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=REPO_ROOT / "runs" / "develop"
 )
-@click.option("--no-reuse", is_flag=True, help="Retrain members even if runs/ has them.")
 def train_command(
     data: Path,
-    arch: str,
-    seeds: str,
-    epochs: int,
-    out: Path | None,
+    arch: str | None,
+    epochs: int | None,
+    seed: int | None,
+    label_smoothing: float | None,
+    members: str | None,
+    out: Path,
     split_path: Path,
     runs_dir: Path,
-    no_reuse: bool,
-    select: str,
 ) -> None:
-    """Train one member per seed, calibrate on validation and write the ensemble artifact."""
-    from model.pipeline import train_and_export
+    """Cross-validate a recipe on train+val, calibrate on out-of-fold predictions, write the artifact."""
+    from dataclasses import asdict, replace
 
-    if out is None:
-        out = REPO_ROOT / ("runs/artifacts/baseline" if arch == "baseline" else "model/artifacts/default")
-    seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
-    cmd = f"cxr model train --data {data} --arch {arch} --seeds {seeds} --epochs {epochs} --select {select}"
-    meta = train_and_export(
+    from model.pipeline import SHIPPED_RECIPE, develop
+
+    chosen = {"arch": arch, "epochs": epochs, "seed": seed, "label_smoothing": label_smoothing}
+    if members:
+        chosen["members"] = tuple(int(m) for m in members.split(","))
+    recipe = replace(SHIPPED_RECIPE, **{k: v for k, v in chosen.items() if v is not None})
+    flags = " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in chosen.items() if v is not None and k != "members"
+    )
+    cmd = f"cxr model train --data {data} {flags}".strip()
+    meta = develop(
         data,
         out,
-        arch=arch,
-        seeds=seed_list,
-        epochs=epochs,
+        recipe=recipe,
         split_path=split_path,
         runs_dir=runs_dir,
-        reuse=not no_reuse,
-        select=select,
         command=cmd,
         log=lambda m: click.echo(m, err=True),
     )
     click.echo(
-        json.dumps({"version": meta["version"], "out": str(out), "metrics": meta["metrics"]}, indent=1)
+        json.dumps(
+            {
+                "version": meta["version"],
+                "out": str(out),
+                "recipe": asdict(recipe),
+                "metrics": meta["metrics"],
+            },
+            indent=1,
+        )
     )
 
 

@@ -23,6 +23,13 @@ ARCHS: dict[str, dict] = {
     "cxr_slim224": {"size": 224, "widths": (16, 32, 64, 96, 128), "sep_from": 3, "reps": (1, 1, 1, 2, 2)},
     "cxr_m": {"size": 224, "widths": (16, 32, 64, 128, 192), "sep_from": 9, "reps": (1, 1, 2, 2, 2)},
     "cxr_sep": {"size": 224, "widths": (24, 48, 96, 192, 256), "sep_from": 2, "reps": (1, 1, 2, 2, 2)},
+    # session 3 (issue 10): bigger networks, chosen by patient-grouped cross-validation (model/cv.py).
+    # "plain": conv-BN-ReLU blocks, each stage ends in max-pooling; no strided stem (keeps fine detail).
+    "plain5_224": {"kind": "plain", "size": 224, "widths": (16, 32, 64, 128, 256), "reps": (1, 1, 1, 1, 1)},
+    "plain5w_224": {"kind": "plain", "size": 224, "widths": (24, 48, 96, 160, 256), "reps": (1, 1, 1, 2, 1)},
+    "plain5_256": {"kind": "plain", "size": 256, "widths": (16, 32, 64, 128, 256), "reps": (1, 1, 1, 1, 1)},
+    # "res": strided stem, then basic residual blocks (two 3x3 convs) with a stride-2 first block per stage
+    "res_256": {"kind": "res", "size": 256, "widths": (32, 64, 128, 256), "reps": (1, 1, 1, 1), "stem": 16},
 }
 DEFAULT_ARCH = "cxr_slim"
 
@@ -57,11 +64,61 @@ def make_model(
     arch: str = DEFAULT_ARCH,
     dropout: float = 0.3,
 ) -> keras.Model:
-    """Our compact CNN: fixed input normalisation, conv/BN/ReLU stages, max-pooling, GAP, dropout, logits."""
+    """Our from-scratch CNN: fixed input normalisation, conv/BN/ReLU stages, GAP, dropout, logits."""
     spec = ARCHS[arch]
     inputs = keras.Input(shape=input_shape, name="image")
     # input is preprocess() output in [0, 1]; centre and scale inside the model: the file carries the contract
     x = layers.Rescaling(4.0, offset=-2.0, name="normalise")(inputs)
+    kind = spec.get("kind", "slim")
+    if kind == "plain":
+        x = _plain_body(x, spec)
+    elif kind == "res":
+        x = _res_body(x, spec)
+    else:
+        x = _slim_body(x, spec)
+    x = layers.Activation("linear", name=LAST_CONV_LAYER)(x)
+    x = layers.GlobalAveragePooling2D(name=FEATURE_LAYER)(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(num_classes, name=LOGITS_LAYER)(x)
+    return keras.Model(inputs, outputs, name=f"{arch}")
+
+
+def _plain_body(x, spec: dict):
+    n_stages = len(spec["widths"])
+    for s, (width, reps) in enumerate(zip(spec["widths"], spec["reps"], strict=True)):
+        for r in range(reps):
+            x = _block(x, width, False, f"s{s}b{r}")
+        if s < n_stages - 1:
+            # the stage output before pooling at 1/8 of the input is the fine Grad-CAM target (28 px at 224)
+            x = layers.MaxPooling2D(2, name=f"s{s}_pool")(x)
+    return x
+
+
+def _res_block(x, width: int, stride: int, name: str):
+    shortcut = x
+    y = layers.Conv2D(width, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_c1")(x)
+    y = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn1")(y)
+    y = layers.ReLU(name=f"{name}_relu1")(y)
+    y = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_c2")(y)
+    y = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn2")(y)
+    if stride != 1 or shortcut.shape[-1] != width:
+        shortcut = layers.Conv2D(width, 1, strides=stride, use_bias=False, name=f"{name}_proj")(shortcut)
+        shortcut = layers.BatchNormalization(momentum=0.9, name=f"{name}_bnp")(shortcut)
+    return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([y, shortcut]))
+
+
+def _res_body(x, spec: dict):
+    x = layers.Conv2D(spec["stem"], 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
+    x = layers.BatchNormalization(momentum=0.9, name="stem_bn")(x)
+    x = layers.ReLU(name="stem_relu")(x)
+    x = layers.MaxPooling2D(2, name="stem_pool")(x)
+    for s, (width, reps) in enumerate(zip(spec["widths"], spec["reps"], strict=True)):
+        for r in range(reps):
+            x = _res_block(x, width, 2 if (r == 0 and s > 0) else 1, f"s{s}b{r}")
+    return x
+
+
+def _slim_body(x, spec: dict):
     x = layers.Conv2D(spec["widths"][0], 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
     x = layers.BatchNormalization(momentum=0.9, name="stem_bn")(x)
     x = layers.ReLU(name="stem_relu")(x)
@@ -71,11 +128,7 @@ def make_model(
             x = _block(x, width, s >= spec["sep_from"], f"s{s}b{r}")
         if s < n_stages - 1:
             x = layers.MaxPooling2D(2, name=f"s{s}_pool")(x)
-    x = layers.Activation("linear", name=LAST_CONV_LAYER)(x)
-    x = layers.GlobalAveragePooling2D(name=FEATURE_LAYER)(x)
-    x = layers.Dropout(dropout, name="dropout")(x)
-    outputs = layers.Dense(num_classes, name=LOGITS_LAYER)(x)
-    return keras.Model(inputs, outputs, name=f"{arch}")
+    return x
 
 
 def conv_flops(model: keras.Model) -> int:

@@ -14,7 +14,7 @@ import numpy as np
 
 from model import PACKAGE_DIR
 from model.artifact import artifact_sha256, read_meta
-from model.calibrate import triage as _triage
+from model.calibrate import decide
 from model.preprocess import DEFAULT_MAX_PIXELS, PREPROCESS_VERSION, ImageDecodeError, prepare
 
 DEFAULT_ARTIFACT_DIR: Path = PACKAGE_DIR / "artifacts" / "default"
@@ -111,17 +111,18 @@ class Predictor:
 
     def triage(self, probs: np.ndarray) -> str:
         """Triage band of one calibrated probability vector."""
-        return _triage(np.asarray(probs), self.thresholds)
+        return decide(np.asarray(probs), self.thresholds)[1]
 
     def result(self, probs: np.ndarray) -> StudyResult:
-        """StudyResult of one probability vector."""
+        """StudyResult of one probability vector: the finding always agrees with its band (`decide`)."""
         p = {c: float(v) for c, v in zip(self.classes, probs, strict=True)}
+        label, band = decide(np.asarray(probs), self.thresholds)
         return StudyResult(
-            label=self.classes[int(np.argmax(probs))],
+            label=label,
             p_covid=p["covid"],
             p_normal=p["normal"],
             p_pneumonia=p["pneumonia"],
-            triage=self.triage(probs),
+            triage=band,
         )
 
     def prepare(self, data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

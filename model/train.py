@@ -43,6 +43,10 @@ class TrainConfig:
     schedule: str = "cosine"  # "cosine" (warm-up + cosine decay over `epochs`) or "plateau"
     weight_decay: float = 1e-4
     ema: float = 0.99  # Polyak averaging of weights per step; validation and the saved model use the average
+    # False: train the whole cosine schedule and keep the last (EMA) weights. Cross-validation uses this, so
+    # the held-out fold only scores the model and never picks its epoch.
+    early_stopping: bool = True
+    label_smoothing: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -172,11 +176,21 @@ def train_network(
         )
     else:
         lr = cfg.lr
+    y_labels = np.asarray(y_train)
+    if cfg.label_smoothing > 0:
+        # Keras' sparse loss has no smoothing: the dataset carries one-hot targets instead
+        loss = keras.losses.CategoricalCrossentropy(
+            from_logits=from_logits, label_smoothing=cfg.label_smoothing
+        )
+        y_train = keras.utils.to_categorical(y_train, 3)
+        y_val = keras.utils.to_categorical(y_val, 3)
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
     model.compile(
         optimizer=keras.optimizers.AdamW(
             lr, weight_decay=cfg.weight_decay, use_ema=cfg.ema > 0, ema_momentum=cfg.ema or 0.99
         ),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),
+        loss=loss,
         metrics=["accuracy"],
     )
     xt, xv = to_model_input(x_train, cfg.arch), to_model_input(x_val, cfg.arch)
@@ -190,14 +204,15 @@ def train_network(
     ds = ds.prefetch(2)
     extra_callbacks = list(callbacks or [])  # e.g. the retraining job's per-epoch progress in SQL
     callbacks = [] if cfg.ema <= 0 else [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)]
-    callbacks += [
-        keras.callbacks.EarlyStopping(
-            monitor="val_loss",
-            patience=cfg.patience,
-            restore_best_weights=True,
-            start_from_epoch=cfg.min_epochs,
-        ),
-    ]
+    if cfg.early_stopping:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss",
+                patience=cfg.patience,
+                restore_best_weights=True,
+                start_from_epoch=cfg.min_epochs,
+            )
+        )
     if cfg.schedule != "cosine":
         callbacks.append(
             keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=3, min_lr=1e-5)
@@ -210,15 +225,18 @@ def train_network(
         ds,
         validation_data=(xv, y_val),
         epochs=cfg.epochs,
-        class_weight=class_weights(y_train) if cfg.class_weights else None,
+        class_weight=class_weights(y_labels) if cfg.class_weights else None,
         callbacks=callbacks,
         shuffle=False,  # the dataset reshuffles every epoch itself
         verbose=0,
     )
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     vl = history["val_loss"]
-    start = cfg.min_epochs if len(vl) > cfg.min_epochs else 0  # EarlyStopping tracks epochs >= min_epochs
-    best = start + int(np.argmin(vl[start:]))
+    if cfg.early_stopping:
+        start = cfg.min_epochs if len(vl) > cfg.min_epochs else 0  # EarlyStopping tracks epochs >= min_epochs
+        best = start + int(np.argmin(vl[start:]))
+    else:
+        best = len(vl) - 1  # the last epoch's weights are kept
     model.save(out_dir / "model.keras")
     info = {
         "config": asdict(cfg),

@@ -43,15 +43,25 @@ def models_dir(settings: Settings) -> Path:
 def run_retraining(
     settings: Settings, *, trigger: str, holder: str | None = None, shuffle_labels: bool = False
 ) -> RetrainOutcome:
-    """Train a candidate on base + reviewed data, gate it against the serving model, promote or reject it."""
-    from model.retrain import GateMargins, ReviewedExample, gate, score_on_locked_set, train_candidate
+    """Cross-validate the serving recipe on base + reviewed data, gate the candidate, promote or reject it."""
+    from dataclasses import replace
+
+    from model.artifact import artifact_sha256, read_meta
+    from model.pipeline import SHIPPED_RECIPE, Recipe, ReviewedExample, develop
+    from model.retrain import GateMargins, compare, gate
     from model.serve import DEFAULT_ARTIFACT_DIR
 
     holder = holder or f"retrain-{uuid.uuid4().hex[:12]}"
     url = settings.database_url
-    epochs_total = settings.retrain_epochs * len(settings.retrain_seeds)
     with session_scope(url) as session:
         current = serving_version(session)
+        current_path = Path(current.artifact_path) if current else None
+        recipe = _recipe_of(current_path or DEFAULT_ARTIFACT_DIR, SHIPPED_RECIPE, Recipe)
+        # the same recipe as the serving model; epochs and seed may be set for the deployment (tests: short)
+        recipe = replace(
+            recipe, epochs=settings.retrain_epochs or recipe.epochs, seed=settings.retrain_seeds[0]
+        )
+        epochs_total = recipe.epochs * recipe.folds
         run = start_run(
             session,
             holder=holder,
@@ -63,7 +73,6 @@ def run_retraining(
         if run is None:
             return RetrainOutcome(None, "skipped", ["another retraining run holds the lock"])
         run_id = run.id
-        current_path = Path(current.artifact_path) if current else None
         reviewed = reviewed_for_training(session)
         shas = {r.image_sha256 for r in reviewed}
         blobs = dict(session.execute(select(Image.sha256, Image.data).where(Image.sha256.in_(shas))).all())
@@ -78,38 +87,37 @@ def run_retraining(
 
     try:
         shutil.rmtree(out_dir, ignore_errors=True)
-        current_meta_arch = _arch_of(current_path or DEFAULT_ARTIFACT_DIR)
-        meta = train_candidate(
+        meta = develop(
             settings.retrain_base_data,
-            settings.retrain_split,
-            examples,
             out_dir,
-            arch=current_meta_arch,
-            seeds=settings.retrain_seeds,
-            epochs=settings.retrain_epochs,
-            on_epoch=on_epoch,
+            recipe=recipe,
+            split_path=settings.retrain_split,
+            extra=examples,
+            runs_dir=settings.data_dir / "retrain" / "runs",
+            name="cnn-retrained",
             shuffle_labels=shuffle_labels,
+            on_epoch=on_epoch,
+            command="scheduled retraining (worker/retrain.py); see docs/retraining.md",
             log=log.info,
-        )
-        cand = score_on_locked_set(out_dir, settings.retrain_base_data, settings.retrain_split)
-        cur = (
-            score_on_locked_set(current_path, settings.retrain_base_data, settings.retrain_split)
-            if current_path
-            else None
         )
         margins = GateMargins(
             covid_sensitivity_lcb=settings.gate_sensitivity_margin,
             macro_f1=settings.gate_f1_margin,
             ece_max=settings.gate_ece_max,
         )
-        passed, reasons = gate(cand, cur, margins)
+        serving_dir = current_path if current_path and (current_path / "oof.csv").exists() else None
+        if current_path and serving_dir is None:
+            # an artifact from before out-of-fold predictions were kept cannot be compared study by study
+            cmp, passed = None, False
+            reasons = ["the serving model has no out-of-fold predictions (oof.csv) to compare with"]
+        else:
+            cmp = compare(out_dir, serving_dir) if serving_dir else None
+            passed, reasons = gate(cmp, margins, candidate_ece=meta["metrics"]["oof"]["ece"])
         # Immutable, versioned copy: workers load the promoted model from here.
         final_dir = models_dir(settings) / meta["version"]
         if not final_dir.exists():
             shutil.copytree(out_dir, final_dir)
         shutil.rmtree(out_dir, ignore_errors=True)
-        from model.artifact import artifact_sha256
-
         with session_scope(url) as session:
             mv = register_model_version(
                 session,
@@ -117,16 +125,16 @@ def run_retraining(
                 artifact_path=str(final_dir),
                 artifact_sha256=artifact_sha256(final_dir),
                 metrics={
-                    "locked_test": cand.as_dict(),
-                    "validation": meta["metrics"]["val"],
+                    "out_of_fold": meta["metrics"]["oof"],
                     "reviewed_images": meta["data"]["reviewed_images"],
                 },
                 card=(final_dir / "card.md").read_text(),
                 serve_if_none=False,
             )
             gate_report = {
-                "candidate": cand.as_dict(),
-                "serving": cur.as_dict() if cur else None,
+                "paired_on_held_out_studies": cmp.as_dict() if cmp else None,
+                "candidate_oof": meta["metrics"]["oof"],
+                "serving_oof": read_meta(current_path)["metrics"].get("oof") if current_path else None,
                 "margins": margins.__dict__,
                 "passed": passed,
             }
@@ -159,11 +167,10 @@ def run_retraining(
         raise
 
 
-def _arch_of(artifact_dir: Path) -> str:
+def _recipe_of(artifact_dir: Path, default, recipe_cls):
     from model.artifact import read_meta
-    from model.network import DEFAULT_ARCH
 
     try:
-        return str(read_meta(artifact_dir).get("arch") or DEFAULT_ARCH)
+        return recipe_cls.from_meta(read_meta(artifact_dir))
     except FileNotFoundError:
-        return DEFAULT_ARCH
+        return default

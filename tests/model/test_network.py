@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,6 @@ def tiny_artifact(tmp_path_factory, sample_arrays) -> Path:
     from model.artifact import build_ensemble, write_artifact
     from model.network import make_model
     from model.pipeline import model_card
-    from model.preprocess import PREPROCESS_VERSION
     from model.train import configure_tf
 
     configure_tf(2)
@@ -47,30 +47,39 @@ def tiny_artifact(tmp_path_factory, sample_arrays) -> Path:
         m.fit(x, y, epochs=2, verbose=0)
         members.append(m)
     ens = build_ensemble(members, 1.3, probs_output=False)
+    from model.pipeline import Recipe, contract_meta
+
     meta = {
-        "name": "test",
+        **contract_meta(
+            name="test",
+            arch="tiny",
+            size=SIZE,
+            temperature=1.3,
+            thresholds={"covid": 0.2, "pneumonia": 0.5, "normal": 0.6},
+        ),
         "created": "2026-01-01T00:00:00+00:00",
-        "arch": "tiny",
-        "input_size": SIZE,
-        "input_channels": 1,
-        "preprocess_version": PREPROCESS_VERSION,
-        "classes": list(CLASSES),
-        "temperature": 1.3,
-        "thresholds": {"covid": 0.2, "pneumonia": 0.5, "normal": 0.6},
-        "triage_rules": ["..."],
-        "seeds": [1, 2],
-        "members": [],
+        "recipe": {**asdict(Recipe(arch="tiny", epochs=2)), "members": [0, 1]},
         "reproduce": "pytest",
-        "data": {"dataset_sha256": "0" * 64, "split_file": "x", "split_sha256": "0" * 64, "n_images": {}},
+        "data": {
+            "dataset_sha256": "0" * 64,
+            "split_file": "x",
+            "split_sha256": "0" * 64,
+            "n_images": {},
+            "pool_images": 6,
+            "reviewed_images": 0,
+        },
         "metrics": {
-            "test": {
-                "n": 0,
-                "accuracy": 0,
-                "macro_f1": 0,
-                "auroc_macro": 0,
-                "covid_sensitivity": 0,
-                "covid_specificity": 0,
-                "ece": 0,
+            "oof": {
+                k: 0.0
+                for k in (
+                    "macro_f1_mean",
+                    "macro_f1_sd",
+                    "accuracy_mean",
+                    "auroc_covid_mean",
+                    "covid_sens_at_spec90_mean",
+                    "covid_sens_at_spec95_mean",
+                    "ece",
+                )
             }
         },
     }

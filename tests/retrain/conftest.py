@@ -49,18 +49,16 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_current(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny-architecture model honestly trained on the small dataset: (artifact dir, split file)."""
-    from model.retrain import train_candidate
+    from model.pipeline import Recipe, develop
 
     root = tmp_path_factory.mktemp("tiny-current")
     split = root / "split.csv"
-    train_candidate(
+    develop(
         small_data,
-        split,
-        [],
         root / "artifact",
-        arch="tiny",
-        seeds=(1,),
-        epochs=TINY_EPOCHS,
+        recipe=Recipe(arch="tiny", epochs=TINY_EPOCHS),
+        split_path=split,
+        runs_dir=root / "runs",
         log=lambda _m: None,
     )
     return root / "artifact", split

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,10 +11,12 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import select, update
 
-from model.retrain import GateMargins, LockedScore, gate
+from model import CLASSES
+from model.retrain import GateMargins, compare, gate
 from store.config import Settings, load_settings
 from store.db import session_scope
 from store.models_registry import register_model_version, serving_version
@@ -24,30 +27,57 @@ from store.tables import Lock, Role, RunStatus, Study, StudyStatus, User
 from tests.conftest import REPO_ROOT, make_user
 
 
-def _score(f1: float, lcb: float, ece: float) -> LockedScore:
-    return LockedScore(
-        n=100,
-        macro_f1=f1,
-        covid_sensitivity=lcb + 0.05,
-        covid_sensitivity_lcb=lcb,
-        covid_specificity=0.9,
-        ece=ece,
-    )
+def _artifact(tmp: Path, name: str, y: np.ndarray, logits: np.ndarray, ece: float = 0.05) -> Path:
+    """A minimal artifact directory: meta.json (temperature, thresholds, OOF ECE) and oof.csv."""
+    from model.cv import save_oof
+    from model.data import Record
+
+    out = tmp / name
+    out.mkdir()
+    meta = {
+        "temperature": 1.0,
+        "thresholds": {"covid": 0.5, "pneumonia": 0.5, "normal": 0.5},
+        "metrics": {"oof": {"ece": ece}},
+    }
+    (out / "meta.json").write_text(json.dumps(meta))
+    recs = [Record(f"img{i}.jpg", CLASSES[c], "src", f"p{i // 2}") for i, c in enumerate(y)]
+    save_oof(out / "oof.csv", recs, logits, y, np.zeros(len(y), dtype=np.int64))
+    return out
 
 
-def test_gate_rules() -> None:
-    """Each criterion can reject on its own; equal or better passes; reasons name the failing metric."""
+def _logits(y: np.ndarray, wrong: float, seed: int) -> np.ndarray:
+    """Logits that are right except for a share `wrong` of studies (moved to the next class)."""
+    rng = np.random.default_rng(seed)
+    pred = y.copy()
+    flip = rng.random(len(y)) < wrong
+    pred[flip] = (pred[flip] + 1) % 3
+    z = rng.normal(0, 0.1, (len(y), 3))
+    z[np.arange(len(y)), pred] += 3.0
+    return z
+
+
+def test_gate_pairs_the_two_models_on_the_same_held_out_studies(tmp_path: Path) -> None:
+    """Equal models pass; a clearly worse one fails on the bound of the paired difference; reasons say why."""
+    y = np.repeat(np.arange(3), 100)
+    z = _logits(y, 0.10, 1)
+    serving = _artifact(tmp_path, "serving", y, z)
+    same = _artifact(tmp_path, "same", y, z + 0.01)  # the same findings: the paired difference is exactly 0
+    worse = _artifact(tmp_path, "worse", y, _logits(y, 0.35, 3))
     m = GateMargins(covid_sensitivity_lcb=0.02, macro_f1=0.02, ece_max=0.1)
-    cur = _score(0.80, 0.90, 0.05)
-    assert gate(_score(0.80, 0.90, 0.05), cur, m)[0]
-    assert gate(_score(0.79, 0.885, 0.09), cur, m)[0], "within the margins"
-    ok, reasons = gate(_score(0.70, 0.90, 0.05), cur, m)
+    cmp = compare(same, serving)
+    assert cmp.n == len(y)
+    assert cmp.macro_f1[2] == 0.0 == cmp.macro_f1[0] - cmp.macro_f1[1]
+    ok, reasons = gate(cmp, m, candidate_ece=0.05)
+    assert ok, reasons
+    worse_cmp = compare(worse, serving)
+    assert worse_cmp.macro_f1[2] < worse_cmp.macro_f1[0] - worse_cmp.macro_f1[1] < 0, (
+        "bound below the difference"
+    )
+    ok, reasons = gate(worse_cmp, m, candidate_ece=0.05)
     assert not ok and any("macro-F1" in r and "below" in r for r in reasons)
-    ok, reasons = gate(_score(0.80, 0.85, 0.05), cur, m)
-    assert not ok and any("sensitivity" in r and "below" in r for r in reasons)
-    ok, reasons = gate(_score(0.90, 0.95, 0.15), cur, m)
+    ok, reasons = gate(cmp, m, candidate_ece=0.15)
     assert not ok and any("calibration" in r and "above" in r for r in reasons)
-    assert gate(_score(0.5, 0.5, 0.05), None, m)[0], "with nothing serving only calibration is checked"
+    assert gate(None, m, candidate_ece=0.05)[0], "with nothing serving only calibration is checked"
 
 
 def _settings(
@@ -121,7 +151,7 @@ def test_shuffled_label_candidate_is_rejected(
         assert serving_version(s).version == before
         run = list_runs(s)[0]
         assert run.status == RunStatus.REJECTED
-        assert run.epoch == run.epochs_total == 6
+        assert run.epoch == run.epochs_total == 6 * 5, "six epochs in each of five folds"
         assert "below" in run.reasons
         assert run.gate["passed"] is False
         print("gate report:", run.gate)
@@ -155,7 +185,7 @@ def test_candidate_with_reviews_is_promoted_and_versioned(
         serving = serving_version(s)
         assert serving.version == out.candidate_version != before
         assert Path(serving.artifact_path).is_relative_to(settings.data_dir / "models")
-        assert serving.metrics["reviewed_images"]["train"] + serving.metrics["reviewed_images"]["val"] == 6
+        assert serving.metrics["reviewed_images"] == 6
         assert list_runs(s)[0].n_reviewed == 6
 
 

@@ -1,0 +1,334 @@
+"""Patient-grouped k-fold cross-validation over train+val: every choice is made on out-of-fold predictions.
+
+    python -m model.cv --name res256 --arch res_256 --epochs 30
+    python -m model.cv --name slim --arch cxr_slim --epochs 30 --report   # summary of finished folds only
+
+Folds are grouped by patient and stratified by class x source (`cv_folds`). Each fold's network is trained on
+the other folds for the whole schedule with no early stopping (so the held-out fold never picks an epoch) and
+predicts its held-out fold once: the out-of-fold (OOF) logits. The test split is never loaded here.
+
+Outputs under runs/cv/<name>/: fold<k>/model.keras + history.json + curves.png, oof.npz (logits, labels,
+folds, sources, patients, files) and summary.json (per-fold metrics, mean and spread, pooled OOF metrics
+after temperature scaling, per-source accuracy, triage bands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from model import CLASSES, DEFAULT_SPLIT, REPO_ROOT, shared_data_dir
+
+CV_SEED = 20261202
+N_FOLDS = 5
+COVID = CLASSES.index("covid")
+
+
+def cv_records(split_path: Path = DEFAULT_SPLIT) -> list:
+    """The development pool: train + val of the frozen split (the test split stays untouched)."""
+    from model.data import read_split
+
+    split = read_split(split_path)
+    return split["train"] + split["val"]
+
+
+def cv_folds(records: list, k: int = N_FOLDS, seed: int = CV_SEED) -> np.ndarray:
+    """Fold index per record: grouped by patient, stratified by (label, source)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    strata = np.array([f"{r.label}|{r.source}" for r in records])
+    groups = np.array([r.patient_id for r in records])
+    folds = np.full(len(records), -1, dtype=np.int64)
+    for f, (_, held) in enumerate(
+        StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(strata, strata, groups)
+    ):
+        folds[held] = f
+    return folds
+
+
+def sens_at_spec(p_pos: np.ndarray, positive: np.ndarray, spec: float) -> float:
+    """Sensitivity at the lowest threshold whose specificity is still >= spec."""
+    neg = np.sort(p_pos[~positive])
+    if not len(neg) or not positive.any():
+        return float("nan")
+    # threshold above the spec-quantile of the negatives: at most (1 - spec) of them are flagged
+    k = int(np.ceil(spec * len(neg))) - 1
+    t = neg[min(max(k, 0), len(neg) - 1)]
+    return float((p_pos[positive] > t).mean())
+
+
+def fold_metrics(logits: np.ndarray, y: np.ndarray) -> dict:
+    """Threshold-free metrics of one fold (argmax class, AUROC, COVID sensitivity at fixed specificity)."""
+    from model.calibrate import softmax
+    from model.metrics import auroc_ovr, macro_f1
+
+    probs = softmax(logits)
+    pred = probs.argmax(1)
+    auc = auroc_ovr(y, probs)
+    return {
+        "n": int(len(y)),
+        "accuracy": float((pred == y).mean()),
+        "macro_f1": macro_f1(y, pred),
+        "auroc_macro": auc["macro"],
+        "auroc_covid": auc["covid"],
+        "covid_sens_at_spec90": sens_at_spec(probs[:, COVID], y == COVID, 0.90),
+        "covid_sens_at_spec95": sens_at_spec(probs[:, COVID], y == COVID, 0.95),
+    }
+
+
+def band_report(probs: np.ndarray, y: np.ndarray, thresholds: dict[str, float]) -> dict:
+    """Share, precision and recall of every band; metrics of the reported (band-consistent) findings."""
+    from model.calibrate import BAND_CLASS, BANDS, decide_all
+    from model.metrics import macro_f1
+
+    decided, bands = decide_all(probs, thresholds)
+    bands = np.array(bands)
+    out: dict = {}
+    for b in BANDS:
+        m = bands == b
+        row = {"n": int(m.sum()), "share": float(m.mean())}
+        row["truth"] = {c: int(((y == i) & m).sum()) for i, c in enumerate(CLASSES)}
+        if b in BAND_CLASS:
+            c = CLASSES.index(BAND_CLASS[b])
+            row["precision"] = float((y[m] == c).mean()) if m.any() else float("nan")
+            row["recall"] = float(m[y == c].mean()) if (y == c).any() else float("nan")
+        out[b] = row
+    non_covid = y != COVID
+    out["COVID-19 suspected"]["non_covid_flagged"] = float((bands[non_covid] == "COVID-19 suspected").mean())
+    return {
+        "bands": out,
+        "decided": {"accuracy": float((decided == y).mean()), "macro_f1": macro_f1(y, decided)},
+    }
+
+
+def bootstrap_precision_lcb(hit: np.ndarray, groups: np.ndarray, n: int = 1000, seed: int = 0) -> float:
+    """2.5th percentile of a band's precision, resampling patients (groups) with replacement."""
+    if not len(hit):
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    uniq, inv = np.unique(groups, return_inverse=True)
+    hits = np.bincount(inv, weights=hit.astype(float), minlength=len(uniq))
+    counts = np.bincount(inv, minlength=len(uniq)).astype(float)
+    vals = []
+    for _ in range(n):
+        pick = rng.integers(0, len(uniq), len(uniq))
+        vals.append(hits[pick].sum() / max(counts[pick].sum(), 1.0))
+    return float(np.percentile(vals, 2.5))
+
+
+def summarise_oof(
+    logits: np.ndarray,
+    y: np.ndarray,
+    folds: np.ndarray,
+    sources: np.ndarray,
+    *,
+    thresholds: dict[str, float] | None = None,
+    groups: np.ndarray | None = None,
+) -> dict:
+    """Mean and spread over folds, pooled OOF metrics after temperature scaling, per-source accuracy, bands.
+
+    Without `thresholds` the band thresholds are fitted on these same OOF probabilities (as the exported
+    model's are).
+    """
+    from model.calibrate import fit_temperature, fit_thresholds, softmax
+    from model.metrics import ece
+
+    done = folds >= 0
+    per_fold = {int(f): fold_metrics(logits[folds == f], y[folds == f]) for f in np.unique(folds[done])}
+    keys = list(next(iter(per_fold.values())).keys())[1:]
+    mean = {k: float(np.mean([m[k] for m in per_fold.values()])) for k in keys}
+    sd = {
+        k: float(np.std([m[k] for m in per_fold.values()], ddof=1)) if len(per_fold) > 1 else 0.0
+        for k in keys
+    }
+    z, yy = logits[done], y[done]
+    t = fit_temperature(z, yy)
+    probs = softmax(z / t)
+    pred = probs.argmax(1)
+    per_source = {}
+    for s in sorted(set(sources[done])):
+        m = sources[done] == s
+        per_source[s] = {
+            "n": int(m.sum()),
+            "accuracy": float((pred[m] == yy[m]).mean()),
+            "truth": {c: int((yy[m] == i).sum()) for i, c in enumerate(CLASSES)},
+            "predicted": {c: int((pred[m] == i).sum()) for i, c in enumerate(CLASSES)},
+        }
+    thresholds = thresholds or fit_thresholds(probs, yy)
+    bands = band_report(probs, yy, thresholds)
+    if groups is not None:
+        from model.calibrate import BAND_NORMAL, NORMAL, decide_all
+
+        in_band = np.array(decide_all(probs, thresholds)[1]) == BAND_NORMAL
+        bands["bands"][BAND_NORMAL]["precision_lcb"] = bootstrap_precision_lcb(
+            yy[in_band] == NORMAL, groups[done][in_band]
+        )
+    return {
+        "thresholds": thresholds,
+        **bands,
+        "folds_done": sorted(per_fold),
+        "per_fold": per_fold,
+        "mean": mean,
+        "sd": sd,
+        "pooled": {
+            **fold_metrics(z / t, yy),
+            "temperature": t,
+            "ece_calibrated": ece(probs, yy),
+            "ece_uncalibrated": ece(softmax(z), yy),
+        },
+        "per_source": per_source,
+    }
+
+
+def cross_validate(
+    cfg,
+    x: np.ndarray,
+    y: np.ndarray,
+    folds: np.ndarray,
+    out: Path,
+    *,
+    folds_to_run: list[int] | None = None,
+    on_epoch=None,
+    log=print,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Train (or reuse) one network per fold on the other folds; return (OOF logits, folds, models).
+
+    `cfg` is a model.train.TrainConfig. A fold whose out/fold<k>/model.keras exists is reused (the caller keys
+    `out` by everything that defines the run). `on_epoch(done, total)` reports progress over all folds.
+    """
+    import keras
+
+    from model.artifact import ensemble_logits
+    from model.train import to_model_input, train_network
+
+    k = int(folds.max()) + 1
+    todo = list(folds_to_run) if folds_to_run is not None else list(range(k))
+    logits = np.full((len(y), len(CLASSES)), np.nan, dtype=np.float32)
+    done = np.full(len(y), -1, dtype=np.int64)
+    models: dict[int, object] = {}
+    for i, f in enumerate(todo):
+        fdir = Path(out) / f"fold{f}"
+        tr, te = folds != f, folds == f
+        if (fdir / "model.keras").exists():
+            model = keras.saving.load_model(fdir / "model.keras", compile=False)
+        else:
+            log(f"[{Path(out).name}] fold {f}: training on {tr.sum()} images, {te.sum()} held out")
+            callbacks = (
+                [_EpochProgress(on_epoch, i * cfg.epochs, len(todo) * cfg.epochs)] if on_epoch else None
+            )
+            model = train_network(cfg, x[tr], y[tr], x[te], y[te], fdir, progress=False, callbacks=callbacks)
+        logits[te] = ensemble_logits(
+            [model], to_model_input(x[te], cfg.arch), probs_output=cfg.arch == "baseline"
+        )
+        done[te] = f
+        models[f] = model
+        hist = json.loads((fdir / "history.json").read_text())
+        log(
+            f"[{Path(out).name}] fold {f}: {hist['train_seconds']:.0f}s, "
+            + json.dumps({k: round(v, 4) for k, v in fold_metrics(logits[te], y[te]).items()})
+        )
+    return logits, done, models
+
+
+def _EpochProgress(on_epoch, offset: int, total: int):  # noqa: N802 - a class factory (keras imported late)
+    import keras
+
+    class Progress(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            on_epoch(offset + epoch + 1, total)
+
+    return Progress()
+
+
+def save_oof(path: Path, records: list, logits: np.ndarray, y: np.ndarray, folds: np.ndarray) -> None:
+    """Write out-of-fold logits as CSV: file,patient_id,source,label,fold,logit_<class>..."""
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["file", "patient_id", "source", "label", "fold", *(f"logit_{c}" for c in CLASSES)])
+        for r, z, f in zip(records, logits, folds, strict=True):
+            w.writerow([r.file, r.patient_id, r.source, r.label, int(f), *(f"{v:.5f}" for v in z)])
+
+
+def read_oof(path: Path) -> dict[str, np.ndarray]:
+    """Read save_oof's CSV into arrays (files, patients, sources, y, folds, logits)."""
+    import csv
+
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return {
+        "files": np.array([r["file"] for r in rows]),
+        "patients": np.array([r["patient_id"] for r in rows]),
+        "sources": np.array([r["source"] for r in rows]),
+        "y": np.array([CLASSES.index(r["label"]) for r in rows], dtype=np.int64),
+        "folds": np.array([int(r["fold"]) for r in rows], dtype=np.int64),
+        "logits": np.array([[float(r[f"logit_{c}"]) for c in CLASSES] for r in rows], dtype=np.float32),
+    }
+
+
+def run_cv(
+    name: str,
+    cfg_kwargs: dict,
+    *,
+    data: Path,
+    folds_to_run: list[int] | None = None,
+    k: int = N_FOLDS,
+    split_path: Path = DEFAULT_SPLIT,
+    runs_dir: Path = REPO_ROOT / "runs" / "cv",
+    log=print,
+) -> dict:
+    """A sweep candidate: cross-validate one recipe over train+val, write oof.csv and summary.json."""
+    from model.data import labels_of, load_arrays
+    from model.train import TrainConfig, configure_tf, input_size
+
+    configure_tf()
+    records = cv_records(split_path)
+    folds = cv_folds(records, k)
+    y = labels_of(records)
+    cfg = TrainConfig(**{"early_stopping": False, **cfg_kwargs})
+    x = load_arrays(data, records, input_size(cfg.arch))
+    out = Path(runs_dir) / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(
+        json.dumps({"name": name, "k": k, "cv_seed": CV_SEED, **asdict(cfg)}, indent=1)
+    )
+    logits, done, _ = cross_validate(cfg, x, y, folds, out, folds_to_run=folds_to_run, log=log)
+    save_oof(out / "oof.csv", records, logits, y, done)
+    sources = np.array([r.source for r in records])
+    groups = np.array([r.patient_id for r in records])
+    summary = {"name": name, "config": asdict(cfg), **summarise_oof(logits, y, done, sources, groups=groups)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main() -> None:
+    """Command line: run (or resume) one cross-validated candidate and print its summary."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--arch", default="cxr_slim")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--label-smoothing", type=float, default=0.0)
+    ap.add_argument("--folds", default=None, help="comma-separated fold indices (default: all)")
+    ap.add_argument("--data", type=Path, default=shared_data_dir("cxr"))
+    args = ap.parse_args()
+    cfg = {
+        "arch": args.arch,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "lr": args.lr,
+        "label_smoothing": args.label_smoothing,
+    }
+    folds = [int(f) for f in args.folds.split(",")] if args.folds else None
+    s = run_cv(args.name, cfg, data=args.data, folds_to_run=folds, log=lambda m: print(m, flush=True))
+    print(json.dumps({k: s[k] for k in ("name", "mean", "sd", "pooled")}, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()

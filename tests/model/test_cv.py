@@ -1,0 +1,83 @@
+"""Cross-validation: patient-grouped stratified folds, threshold-free fold metrics, bands from OOF."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from model import CLASSES
+from model.calibrate import BAND_COVID, BAND_NORMAL, BANDS, decide, decide_all, fit_thresholds, softmax
+from model.cv import cv_folds, fold_metrics, sens_at_spec, summarise_oof
+from model.data import Record
+
+
+def _records(n_patients: int = 150) -> list[Record]:
+    rng = np.random.default_rng(0)
+    out = []
+    for p in range(n_patients):
+        label = CLASSES[p % 3]
+        source = f"{label}-{p % 2}"
+        out += [Record(f"{p}_{i}.jpg", label, source, f"pat{p}") for i in range(1 + rng.integers(0, 4))]
+    return out
+
+
+def test_folds_keep_patients_together_and_classes_balanced() -> None:
+    recs = _records()
+    folds = cv_folds(recs, 5)
+    assert set(folds) == set(range(5))
+    by_patient: dict[str, set[int]] = {}
+    for r, f in zip(recs, folds, strict=True):
+        by_patient.setdefault(r.patient_id, set()).add(int(f))
+    assert all(len(s) == 1 for s in by_patient.values()), "a patient in two folds"
+    for f in range(5):
+        labels = [r.label for r, g in zip(recs, folds, strict=True) if g == f]
+        assert all(labels.count(c) > 0.15 * len(labels) for c in CLASSES)
+    assert np.array_equal(folds, cv_folds(recs, 5)), "folds are deterministic"
+
+
+def test_fold_metrics_tell_right_from_shuffled() -> None:
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(3), 60)
+    z = rng.normal(0, 0.5, (len(y), 3))
+    z[np.arange(len(y)), y] += 4.0
+    good, bad = fold_metrics(z, y), fold_metrics(z, rng.permutation(y))
+    assert good["macro_f1"] == 1.0 and good["covid_sens_at_spec95"] == 1.0
+    assert bad["macro_f1"] < 0.6 and bad["auroc_covid"] < 0.75
+
+
+def test_sensitivity_at_specificity_counts_only_what_beats_the_negatives() -> None:
+    neg = np.linspace(0, 1, 100)
+    pos = np.array([0.5, 0.92, 0.97, 0.99])
+    score = np.concatenate([neg, pos])
+    is_pos = np.r_[np.zeros(100, bool), np.ones(4, bool)]
+    # 95% specificity: the threshold is the 95th negative (0.949...): 2 of 4 positives lie above it
+    assert sens_at_spec(score, is_pos, 0.95) == 0.5
+
+
+def test_decided_finding_never_contradicts_its_band() -> None:
+    rng = np.random.default_rng(2)
+    probs = softmax(rng.normal(0, 2, (500, 3)))
+    thr = {"covid": 0.2, "normal": 0.7, "pneumonia": 0.6}
+    decided, bands = decide_all(probs, thr)
+    for d, b in zip(decided, bands, strict=True):
+        assert b in BANDS
+        if b == BAND_COVID:
+            assert CLASSES[d] == "covid"
+        if b == BAND_NORMAL:
+            assert CLASSES[d] == "normal"
+    # a study below every threshold is referred, with the likelier non-COVID class as its finding
+    assert decide(np.array([0.1, 0.5, 0.4]), thr) == ("normal", BANDS[3])
+
+
+def test_thresholds_from_oof_meet_the_band_targets_they_were_fitted_for() -> None:
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(3), 200)
+    z = rng.normal(0, 1.0, (len(y), 3))
+    z[np.arange(len(y)), y] += 2.5
+    probs = softmax(z)
+    thr = fit_thresholds(probs, y)
+    rep = summarise_oof(z, y, np.arange(len(y)) % 5, np.array(["s"] * len(y)), thresholds=thr)
+    covid = rep["bands"][BAND_COVID]
+    assert covid["recall"] >= 0.95
+    assert rep["bands"][BAND_NORMAL]["precision"] >= 0.95
+    assert abs(sum(b["share"] for b in rep["bands"].values()) - 1.0) < 1e-9
+    assert set(rep["per_fold"]) == set(range(5))
