@@ -1,4 +1,9 @@
-"""Grad-CAM overlays from the Keras ensemble in an artifact (mean of the members' class-activation maps)."""
+"""Grad-CAM heat maps from the Keras ensemble in an artifact (mean of the members' class-activation maps).
+
+The map is taken at the deepest block whose grid is at least CAM_MIN_GRID cells wide (24x24 or finer), not at
+the last convolution (6x6 to 8x8 here), so it can point at a region of a lung rather than a quarter of the
+film. `heatmap_png` crops the zero padding away, so the map lies exactly over the original image.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +17,30 @@ from model.preprocess import decode_image, preprocess
 
 _MODELS: dict[Path, tuple] = {}
 _LOCK = threading.Lock()
+CAM_MIN_GRID = 24
+
+
+def cam_layer(member) -> str:
+    """Name of the deepest block output of a member network whose grid is at least CAM_MIN_GRID wide."""
+    best = None
+    for layer in member.layers:
+        shape = getattr(layer, "output", None)
+        shape = getattr(shape, "shape", None)
+        if shape is None or len(shape) != 4 or shape[1] is None:
+            continue
+        if layer.name.endswith(("_relu", "_out")) and int(shape[1]) >= CAM_MIN_GRID:
+            best = layer.name  # layers are in graph order: the last match is the deepest
+    if best is None:
+        from model.network import LAST_CONV_LAYER
+
+        return LAST_CONV_LAYER
+    return best
 
 
 def _load(artifact_dir: Path | None):
     import keras
 
     from model.artifact import load_keras, read_meta
-    from model.network import LAST_CONV_LAYER
     from model.serve import DEFAULT_ARTIFACT_DIR
 
     path = Path(artifact_dir or DEFAULT_ARTIFACT_DIR).resolve()
@@ -28,7 +50,7 @@ def _load(artifact_dir: Path | None):
             ens = load_keras(path)
             members = [layer for layer in ens.layers if isinstance(layer, keras.Model)]
             grad_models = [
-                keras.Model(m.inputs, [m.get_layer(LAST_CONV_LAYER).output, m.outputs[0]]) for m in members
+                keras.Model(m.inputs, [m.get_layer(cam_layer(m)).output, m.outputs[0]]) for m in members
             ]
             _MODELS[path] = (meta, ens, grad_models)
         return _MODELS[path]
@@ -37,7 +59,10 @@ def _load(artifact_dir: Path | None):
 def gradcam(
     artifact_dir: Path | None, x: np.ndarray, class_index: int | None = None
 ) -> tuple[np.ndarray, int]:
-    """Grad-CAM heat map in [0, 1] (input size) for one preprocessed image, and the explained class index."""
+    """Grad-CAM heat map in [0, 1] (input size) for one preprocessed image, and the explained class index.
+
+    `class_index` None explains the most probable class; the worker passes the reported finding's class.
+    """
     import tensorflow as tf
 
     meta, ens, grad_models = _load(artifact_dir)
@@ -60,6 +85,39 @@ def gradcam(
     cam = np.mean(cams, axis=0)
     cam = cam / cam.max() if cam.max() > 0 else cam
     return cam.astype(np.float32), class_index
+
+
+def content_box(x: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the image inside preprocess()'s zero padding."""
+    mask = x[:, :, 0] > 0
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows) or not len(cols):
+        return 0, 0, x.shape[0], x.shape[1]
+    return int(rows[0]), int(cols[0]), int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+
+
+def heatmap_png(cam: np.ndarray, box: tuple[int, int, int, int]) -> bytes:
+    """RGBA PNG of a heat map (jet colours, alpha = strength), cropped to the image's content box.
+
+    The browser lays it over the original image at the same size and sets its opacity.
+    """
+    top, left, h, w = box
+    crop = cam[top : top + h, left : left + w]
+    heat = cv2.applyColorMap(np.clip(crop * 255.0 + 0.5, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    alpha = np.clip(crop * 255.0 * 0.9 + 0.5, 0, 255).astype(np.uint8)
+    ok, buf = cv2.imencode(".png", np.dstack([heat, alpha]))
+    if not ok:
+        raise RuntimeError("heat map could not be encoded")
+    return buf.tobytes()
+
+
+def explain_bytes(artifact_dir: Path | None, data: bytes, class_name: str | None = None) -> tuple[bytes, str]:
+    """Heat map PNG (see heatmap_png) of one image's bytes for `class_name` (default: most probable)."""
+    meta, _, _ = _load(artifact_dir)
+    x = preprocess(decode_image(data), int(meta["input_size"]))
+    idx = meta["classes"].index(class_name) if class_name else None
+    cam, cls = gradcam(artifact_dir, x, idx)
+    return heatmap_png(cam, content_box(x)), meta["classes"][cls]
 
 
 def gradcam_png(artifact_dir: Path | None, data: bytes) -> bytes:

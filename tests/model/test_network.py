@@ -183,3 +183,31 @@ def test_gradcam_png(tiny_artifact: Path, sample_files: list[Path]) -> None:
     png = gradcam_png(tiny_artifact, sample_files[0].read_bytes())
     img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
     assert img.shape == (SIZE, SIZE, 3)
+
+
+@pytest.mark.parametrize("arch", ["cxr_slim", "res_256", "plain5_224"])
+def test_gradcam_layer_is_24_cells_or_finer_but_not_the_input(arch: str) -> None:
+    """The heat map comes from a block at least 24x24 wide, deeper than the first block."""
+    from model.explain import cam_layer
+    from model.train import build, input_size
+
+    m = build(arch)
+    grid = int(m.get_layer(cam_layer(m)).output.shape[1])
+    assert 24 <= grid <= input_size(arch) // 4
+
+
+def test_heatmap_lies_over_the_original_image(tiny_artifact: Path, sample_files: list[Path]) -> None:
+    """The RGBA heat map has the aspect of the image (padding cropped away) and varies in strength."""
+    import cv2
+
+    from model.explain import explain_bytes
+    from model.preprocess import decode_image
+
+    data = sample_files[0].read_bytes()
+    png, cls = explain_bytes(tiny_artifact, data, "covid")
+    assert cls == "covid"
+    heat = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+    h, w = decode_image(data).shape
+    assert heat.shape[2] == 4
+    assert abs(heat.shape[0] / heat.shape[1] - h / w) < 0.05
+    assert heat[:, :, 3].max() > heat[:, :, 3].min()
