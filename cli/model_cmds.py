@@ -115,13 +115,6 @@ def train_command(
     "--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None
 )
 @click.option(
-    "--baseline",
-    "baseline_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=REPO_ROOT / "runs" / "artifacts" / "baseline",
-    show_default=True,
-)
-@click.option(
     "--split",
     "split_path",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -134,30 +127,28 @@ def train_command(
     show_default=True,
 )
 @click.option(
-    "--compare",
-    multiple=True,
-    metavar="NAME=DIR",
-    help="Another artifact to report side by side, e.g. 'ours 5-seed ensemble=runs/artifacts/ours5'.",
+    "--candidates", default=None, help="Comma-separated runs/cv names for the OOF table [default: all]."
+)
+@click.option(
+    "--read-test/--no-read-test",
+    default=False,
+    show_default=True,
+    help="Read the test split (once per shipped model: every read is logged in docs/model/test_reads.jsonl).",
 )
 def evaluate_command(
-    data: Path,
-    model_dir: Path | None,
-    baseline_dir: Path,
-    split_path: Path,
-    out: Path,
-    compare: tuple[str, ...],
+    data: Path, model_dir: Path | None, split_path: Path, out: Path, candidates: str | None, read_test: bool
 ) -> None:
-    """Write the test-split report (Markdown + PNGs): ours vs the tutorial CNN, per source, source probe."""
+    """Write the evaluation report: out-of-fold tables, and with --read-test the single test-split read."""
     from model.evaluate import evaluate_report
     from model.serve import DEFAULT_ARTIFACT_DIR
 
     report = evaluate_report(
         data,
         model_dir or DEFAULT_ARTIFACT_DIR,
-        baseline_dir if baseline_dir.exists() else None,
         split_path,
         out,
-        tuple((c.split("=", 1)[0], Path(c.split("=", 1)[1])) for c in compare),
+        candidates=candidates.split(",") if candidates else None,
+        read_test=read_test,
     )
     click.echo(f"wrote {report}")
 
@@ -277,24 +268,3 @@ def predict_command(paths: tuple[Path, ...], fmt: str, model_dir: Path | None) -
         sys.stdout.flush()
     if all(r["label"] == "error" for r in rows):
         sys.exit(1)
-
-
-@model_group.command("ablate-contrast")
-@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=DEFAULT_DATA)
-@click.option("--arch", default="tiny", show_default=True)
-@click.option("--seeds", default="1,2", show_default=True)
-@click.option("--epochs", type=int, default=20, show_default=True)
-def ablate_contrast_command(data: Path, arch: str, seeds: str, epochs: int) -> None:
-    """Measure the contrast stretch: train with and without it, print validation scores (never test)."""
-    from model.ablation import contrast_ablation
-
-    rows = contrast_ablation(
-        data, arch=arch, seeds=tuple(int(s) for s in seeds.split(",")), epochs=epochs, log=lambda r: None
-    )
-    click.echo("| contrast stretch | seed | val accuracy | val macro-F1 | val NLL | val ECE |")
-    click.echo("|---|---|---|---|---|---|")
-    for r in rows:
-        click.echo(
-            f"| {'on' if r['contrast_stretch'] else 'off'} | {r['seed']} | {r['val_accuracy']:.3f} | "
-            f"{r['val_macro_f1']:.3f} | {r['val_nll']:.3f} | {r['val_ece']:.3f} |"
-        )
