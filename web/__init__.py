@@ -6,7 +6,6 @@ and sends tasks by name through worker.app.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Any
@@ -16,7 +15,7 @@ from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.wrappers import Response
 
-from store.config import Settings, load_settings
+from config import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +23,10 @@ log = logging.getLogger(__name__)
 def _apply_overrides(settings: Settings, config: dict[str, Any]) -> Settings:
     # Keys named like Settings fields in upper case (DATABASE_URL, MAX_UPLOAD_BYTES, ...) override the
     # environment; this is how tests point the app at a throwaway database.
-    names = {f.name for f in dataclasses.fields(Settings)}
-    changes = {k.lower(): v for k, v in config.items() if k.lower() in names and k.isupper()}
-    return dataclasses.replace(settings, **changes) if changes else settings
+    names = set(Settings.model_fields)
+    return settings.with_overrides(
+        **{k.lower(): v for k, v in config.items() if k.lower() in names and k.isupper()}
+    )
 
 
 def _cap_decoders(max_pixels: int) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from config import Settings
 from model.preprocess import (
     ImageDecodeError,
     decode_image,
@@ -36,7 +37,6 @@ from model.preprocess import (
     thumbnail_png,
 )
 from store.audit import record_event
-from store.config import Settings
 from store.studies import add_studies, create_batch, hash_patient_key, mark_queued
 from store.tables import Batch, Image, Study, StudyStatus, User
 from web.imagecheck import check_structure

@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from store.config import Settings
+from config import Settings
 from store.db import session_scope
 from store.models_registry import register_model_version, serving_version
 from store.studies import (

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
+from config import Settings, load_settings
 from model.retrain import GateMargins, LockedScore, gate
-from store.config import Settings, load_settings
 from store.db import session_scope
 from store.models_registry import register_model_version, serving_version
 from store.retraining import RETRAIN_LOCK, list_runs, start_run
@@ -204,7 +204,7 @@ def test_killed_run_releases_lock_after_lease(
         }
     )
     code = (
-        "from store.config import load_settings; from worker.retrain import run_retraining; "
+        "from config import load_settings; from worker.retrain import run_retraining; "
         "run_retraining(load_settings(), trigger='test')"
     )
     proc = subprocess.Popen(

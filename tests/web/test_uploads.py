@@ -16,7 +16,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
-from store.config import load_settings
+from config import load_settings
 from store.db import session_scope
 from store.studies import create_batch, mark_queued
 from store.tables import Batch, Image, Study, StudyStatus, User
