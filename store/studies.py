@@ -405,6 +405,26 @@ def reconcile(
     )
 
 
+def received_study_ids(session: Session, *, batch_id: int) -> list[int]:
+    """The batch's studies waiting to be started (RECEIVED)."""
+    return list(
+        session.scalars(
+            select(Study.id).where(Study.batch_id == batch_id, Study.status == StudyStatus.RECEIVED)
+        )
+    )
+
+
+def count_failed(session: Session, *, batch_id: int) -> int:
+    """How many of the batch's studies are FAILED."""
+    stmt = select(func.count(Study.id)).where(Study.batch_id == batch_id, Study.status == StudyStatus.FAILED)
+    return int(session.scalar(stmt) or 0)
+
+
+def image_data(session: Session, *, sha256: str) -> bytes | None:
+    """The stored bytes of one image, or None."""
+    return session.scalar(select(Image.data).where(Image.sha256 == sha256))
+
+
 def batch_progress(session: Session, *, batch_ids: Sequence[int]) -> dict[int, Progress]:
     """Progress of each batch, in one query."""
     if not batch_ids:

@@ -1,13 +1,12 @@
 """The Flask web app: one factory, blueprints for auth, batches, reports, admin and the JSON API.
 
-The web process never imports TensorFlow: it validates uploads with model.preprocess (OpenCV/pydicom only)
-and sends tasks by name through worker.app.
+The web process never imports TensorFlow: it parses requests and hands files to intake (OpenCV/pydicom
+only), reads and changes state through store, and reaches the queue through worker.app (Celery only).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from flask import Flask, jsonify, render_template, request
@@ -27,15 +26,6 @@ def _apply_overrides(settings: Settings, config: dict[str, Any]) -> Settings:
     return settings.with_overrides(
         **{k.lower(): v for k, v in config.items() if k.lower() in names and k.isupper()}
     )
-
-
-def _cap_decoders(max_pixels: int) -> None:
-    # Second line of defence behind the header check in web.uploads: the decoders themselves refuse images
-    # over the cap. OpenCV reads its variable when first used, so set it before anything decodes.
-    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(max_pixels))
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
@@ -59,8 +49,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         CXR_ENV=settings.env,
     )
     app.config.update({k: v for k, v in config.items() if k.isupper()})
-
-    _cap_decoders(settings.max_image_pixels)
 
     from web.db import init_db
     from web.extensions import csrf, login_manager

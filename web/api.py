@@ -8,6 +8,7 @@ from flask import Blueprint, abort, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
+from intake.batches import ingest_files, start_batch, submit_batch
 from store.reviews import LABELS, ReviewError, review_study
 from store.studies import batch_progress, batches_visible_to, create_batch, get_batch_for, get_study_for
 from store.tables import Batch, User
@@ -16,7 +17,6 @@ from web.batches import uploaded_files
 from web.db import get_db, get_settings
 from web.reports import NOTICE, batch_payload
 from web.review import NOTE_MAX, REVIEW_ROLES
-from web.uploads import ingest_files, start_batch, submit_batch
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 

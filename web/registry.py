@@ -21,6 +21,7 @@ from web.admin import admin_required
 from web.auth import current_row
 from web.db import get_db
 from web.review import REVIEW_ROLES
+from worker import app as queue  # Celery only, never TensorFlow
 
 bp = Blueprint("registry", __name__)
 log = logging.getLogger(__name__)
@@ -209,9 +210,7 @@ def retrain() -> Response:
     if not ActionForm().validate_on_submit():
         abort(400)
     try:
-        from worker import app as worker_app  # Celery only, never TensorFlow
-
-        worker_app.send_retrain("admin")
+        queue.send_retrain("admin")
     except Exception as exc:  # noqa: BLE001 - the page must say the request did not go out
         log.exception("sending the retraining task failed")
         flash(f"The retraining request could not be queued ({type(exc).__name__}); try again later.", "error")

@@ -18,10 +18,10 @@ from werkzeug.wrappers import Response
 from store.models_registry import serving_version
 from store.studies import batch_progress, get_batch_for, rescreen_batch, study_rows
 from store.tables import Batch, ModelVersion, Prediction, Review, User
-from web import uploads
 from web.auth import current_row
 from web.db import get_db, get_settings
 from web.review import REVIEW_ROLES, ReviewForm
+from worker import app as queue
 
 bp = Blueprint("reports", __name__)
 log = logging.getLogger(__name__)
@@ -250,15 +250,12 @@ def rescreen(batch_id: int) -> Response:
         return back
     settings = get_settings()
     ids = rescreen_batch(db, batch_id=batch.id, lease_s=settings.queued_lease_s, user_id=current_row().id)
-    # Commit before enqueueing: a worker must see the studies QUEUED.
-    db.commit()
+    # Commits, THEN enqueues: a worker must see the studies QUEUED.
+    enqueue_error = queue.enqueue_after_commit(db, ids)
     if not ids:
         flash("No study of this batch has an image to screen again.", "info")
         return back
-    try:
-        uploads.send_screen_chunks(ids)  # looked up at call time: tests replace it with a recording fake
-    except Exception:  # noqa: BLE001 - the studies are saved QUEUED; the reconciler re-queues after the lease
-        log.exception("enqueueing the re-screen of batch %s failed", batch.id)
+    if enqueue_error:  # the studies are saved QUEUED; the reconciler re-queues them after the lease
         flash(
             "The work queue could not be reached; the studies are saved and will be queued again "
             "automatically.",

@@ -121,8 +121,8 @@ def test_thumbnail_made_on_first_request_and_stored(
     app: Flask, login: Callable[[str], FlaskClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No preview at upload; the first request makes it from the stored image and keeps it; bad ones 404."""
+    from intake import batches as uploads
     from tests.web.test_uploads import garbage_idat_png
-    from web import uploads
 
     client = login("alice")
     upload(client, [("a.png", png_bytes(320, 200)), ("g.png", garbage_idat_png()), ("c.png", corrupt_png())])
