@@ -116,6 +116,11 @@ def set_password(session: Session, *, user: User, password: str, changed_by: int
     record_event(session, user_id=changed_by, action="user.password", target=f"user:{user.id}")
 
 
+def get_user(session: Session, *, user_id: int) -> User | None:
+    """One account by id, or None."""
+    return session.get(User, user_id)
+
+
 def list_users(session: Session) -> list[User]:
     """All accounts, oldest first."""
     return list(session.scalars(select(User).order_by(User.id)))

@@ -13,8 +13,8 @@ from werkzeug.wrappers import Response
 from wtforms import PasswordField, SelectField, StringField
 from wtforms.validators import DataRequired, Length
 
-from store.tables import Role, User
-from store.users import UserError, create_user, issue_api_token, list_users
+from store.tables import Role
+from store.users import UserError, create_user, get_user, issue_api_token, list_users
 from web.auth import current_row
 from web.db import get_db
 
@@ -91,7 +91,7 @@ def token(user_id: int) -> tuple[str, int]:
     if not TokenForm().validate_on_submit():
         abort(400)
     db = get_db()
-    user = db.get(User, user_id)
+    user = get_user(db, user_id=user_id)
     if user is None:
         abort(404)
     plain = issue_api_token(db, user=user)

@@ -9,13 +9,13 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from intake.batches import ingest_files, start_batch, submit_batch
+from store.reports import NOTICE, batch_payload
 from store.reviews import LABELS, ReviewError, review_study
-from store.studies import batch_progress, batches_visible_to, create_batch, get_batch_for, get_study_for
+from store.studies import batch_progress, batches_visible_to, get_batch_for, get_study_for
 from store.tables import Batch, User
 from store.users import user_for_token
 from web.batches import uploaded_files
 from web.db import get_db, get_settings
-from web.reports import NOTICE, batch_payload
 from web.review import NOTE_MAX, REVIEW_ROLES
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -94,26 +94,22 @@ def create() -> tuple[Response, int]:
     name, notes = str(params.get("name") or ""), str(params.get("notes") or "")
     db = get_db()
     files = uploaded_files(request.files.getlist("files")) if request.files else []
-    if files and _truthy(params.get("start", "false")):
-        result = submit_batch(
-            db,
-            owner=_user(),
-            name=name,
-            notes=notes,
-            files=files,
-            settings=get_settings(),
-            patient_id=params.get("patient_id") or None,
-        )
-        body = _summary(result.batch)
-        body.update(
-            study_ids=result.study_ids, queued=result.start.queued, enqueue_error=result.start.enqueue_error
-        )
-        return jsonify(body), 201
-    batch = create_batch(db, owner=_user(), name=name, notes=notes)
-    ids = ingest_files(db, batch=batch, files=files, settings=get_settings()) if files else []
-    db.commit()
-    body = _summary(batch)
-    body.update(study_ids=ids, queued=[])
+    start = bool(files) and _truthy(params.get("start", "false"))
+    # One path with or without start (the same audit event); started: committed, then enqueued.
+    result = submit_batch(
+        db,
+        owner=_user(),
+        name=name,
+        notes=notes,
+        files=files,
+        settings=get_settings(),
+        patient_id=params.get("patient_id") or None,
+        start=start,
+    )
+    body = _summary(result.batch)
+    body.update(study_ids=result.study_ids, queued=result.start.queued)
+    if start:
+        body["enqueue_error"] = result.start.enqueue_error
     return jsonify(body), 201
 
 

@@ -13,7 +13,7 @@ from wtforms.validators import DataRequired, Length
 
 from store.audit import record_event
 from store.tables import User
-from store.users import authenticate, issue_api_token
+from store.users import authenticate, get_user, issue_api_token
 from web.db import get_db
 from web.extensions import login_manager
 
@@ -49,7 +49,7 @@ def _load_user(session_id: str) -> LoginUser | None:
     user_id, _, fingerprint = session_id.partition(":")
     if not user_id.isdigit():
         return None
-    row = get_db().get(User, int(user_id))
+    row = get_user(get_db(), user_id=int(user_id))
     if row is None or not row.is_active or row.password_hash[-12:] != fingerprint:
         return None
     return LoginUser(row)

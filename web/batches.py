@@ -14,10 +14,10 @@ from wtforms import StringField, TextAreaField
 from wtforms.validators import Length, Optional
 
 from intake.batches import study_thumbnail, submit_batch
+from store.retraining import retraining_progress
 from store.studies import batch_progress, batches_visible_to, get_batch_for, get_study_for
 from web.auth import current_row
 from web.db import get_db, get_settings
-from web.registry import retraining_progress
 
 bp = Blueprint("batches", __name__)
 

@@ -124,3 +124,23 @@ def test_api_upload_too_large_is_json_413(
         content_type="multipart/form-data",
     )
     assert resp.status_code == 413 and "limit" in resp.get_json()["error"]
+
+
+def test_api_create_without_start_is_audited(
+    app: Flask, users: dict[str, int], sent: list[list[int]]
+) -> None:
+    """Creating a batch with files but without start records the same batch.upload event as the form does."""
+    from store.tables import AuditEvent
+
+    client, auth = app.test_client(), _token(app, "alice")
+    resp = client.post(
+        "/api/v1/batches",
+        data={"name": "later", "files": _files(("a.png", png_bytes(seed=4)))},
+        headers=auth,
+        content_type="multipart/form-data",
+    )
+    assert resp.status_code == 201 and resp.get_json()["queued"] == [] and sent == []
+    batch_id = resp.get_json()["id"]
+    with session_scope(app.extensions["cxr_settings"].database_url) as s:
+        actions = set(s.scalars(select(AuditEvent.action).where(AuditEvent.target == f"batch:{batch_id}")))
+    assert {"batch.create", "batch.upload"} <= actions
