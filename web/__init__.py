@@ -60,7 +60,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     login_manager.login_message = "Please sign in."
     login_manager.session_protection = "strong"
 
-    from web import admin, api, auth, batches, registry, reports, review
+    from web import admin, api, auth, batches, common, registry, reports, review
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(batches.bp)
@@ -73,7 +73,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     @app.context_processor
     def _globals() -> dict[str, Any]:
-        return {"notice": reports.NOTICE, "review_roles": review.REVIEW_ROLES}
+        return {"notice": reports.NOTICE, "review_roles": common.REVIEW_ROLES}
 
     @app.after_request
     def _security_headers(resp: Response) -> Response:

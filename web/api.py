@@ -14,9 +14,8 @@ from store.reviews import LABELS, ReviewError, review_study
 from store.studies import batch_progress, batches_visible_to, get_batch_for, get_study_for
 from store.tables import Batch, User
 from store.users import user_for_token
-from web.batches import uploaded_files
+from web.common import NOTE_MAX, REVIEW_ROLES, uploaded_files
 from web.db import get_db, get_settings
-from web.review import NOTE_MAX, REVIEW_ROLES
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 

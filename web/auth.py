@@ -14,6 +14,7 @@ from wtforms.validators import DataRequired, Length
 from store.audit import record_event
 from store.tables import User
 from store.users import authenticate, get_user, issue_api_token
+from web.common import ActionForm
 from web.db import get_db
 from web.extensions import login_manager
 
@@ -67,10 +68,6 @@ class LoginForm(FlaskForm):
     password = PasswordField("Password", validators=[DataRequired(), Length(max=1024)])
 
 
-class LogoutForm(FlaskForm):
-    """An empty form: signing out is a POST with a CSRF token."""
-
-
 def _safe_next(target: str | None) -> str | None:
     # Only same-site relative paths: an open redirect would let a link send users elsewhere after sign-in.
     if not target:
@@ -106,7 +103,7 @@ def login() -> str | Response:
 @login_required
 def logout() -> Response:
     """Sign out (POST only, CSRF-checked)."""
-    form = LogoutForm()
+    form = ActionForm()
     if form.validate_on_submit():
         db = get_db()
         record_event(db, user_id=current_user.id, action="auth.logout", target=f"user:{current_user.id}")
@@ -116,15 +113,11 @@ def logout() -> Response:
     return redirect(url_for("auth.login"))
 
 
-class TokenForm(FlaskForm):
-    """An empty form: issuing a token is a CSRF-checked POST."""
-
-
 @bp.route("/account", methods=["GET", "POST"])
 @login_required
 def account() -> str:
     """The signed-in user's account: issue (or replace) a personal API token, shown once."""
-    form = TokenForm()
+    form = ActionForm()
     token = None
     if form.validate_on_submit():
         db = get_db()

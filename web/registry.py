@@ -3,28 +3,23 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from functools import wraps
-from typing import Any, TypeVar
+from typing import Any
 
 from flask import Blueprint, abort, flash, redirect, render_template, url_for
-from flask_login import current_user, login_required
-from flask_wtf import FlaskForm
+from flask_login import current_user
 from werkzeug.wrappers import Response
 
 from store.models_registry import get_version, list_versions, promote, promotion_history, serving_version
 from store.retraining import list_runs, retraining_progress
 from store.tables import RetrainRun
-from web.admin import admin_required
 from web.auth import current_row
+from web.common import ActionForm, admin_required, reviewer_required
 from web.db import get_db
-from web.review import REVIEW_ROLES
 from worker import app as queue  # Celery only, never TensorFlow
 
 bp = Blueprint("registry", __name__)
 log = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Any])
 
 # Metric names worth a headline, in display order; everything else is under "all metrics".
 HEADLINE_KEYS = (
@@ -37,23 +32,6 @@ HEADLINE_KEYS = (
     "ece",
 )
 MAX_METRICS = 200
-
-
-def reviewer_required(view: F) -> F:
-    """Signed in as a reviewer or an administrator, else 403."""
-
-    @wraps(view)
-    @login_required
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        if current_row().role not in REVIEW_ROLES:
-            abort(403)
-        return view(*args, **kwargs)
-
-    return wrapped  # type: ignore[return-value]
-
-
-class ActionForm(FlaskForm):
-    """An empty form: promotions and retraining are CSRF-checked POSTs."""
 
 
 def _fmt(value: object) -> str:

@@ -9,7 +9,6 @@ import re
 
 from flask import Blueprint, abort, flash, jsonify, redirect, render_template, url_for
 from flask_login import login_required
-from flask_wtf import FlaskForm
 from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response
 
@@ -18,8 +17,9 @@ from store.reports import NOTICE, batch_payload, study_dicts
 from store.studies import batch_progress, get_batch_for, rescreen_batch
 from store.tables import Batch
 from web.auth import current_row
+from web.common import REVIEW_ROLES, ActionForm
 from web.db import get_db, get_settings
-from web.review import REVIEW_ROLES, ReviewForm
+from web.review import ReviewForm
 from worker import app as queue
 
 bp = Blueprint("reports", __name__)
@@ -42,10 +42,6 @@ CSV_COLUMNS = (
     "review_label",
     "review_note",
 )
-
-
-class RescreenForm(FlaskForm):
-    """An empty form: re-screening a batch is a CSRF-checked POST."""
 
 
 def _csv_cell(value: object) -> object:
@@ -123,7 +119,7 @@ def report_json(batch_id: int) -> Response:
 def rescreen(batch_id: int) -> Response:
     """Send a finished batch through the serving model again; old predictions are kept."""
     batch = _visible_batch(batch_id, manage=True)  # owner or admin; anyone else (reviewers too) gets 404
-    if not RescreenForm().validate_on_submit():
+    if not ActionForm().validate_on_submit():
         abort(400)
     db = get_db()
     back = redirect(url_for("reports.report", batch_id=batch.id))

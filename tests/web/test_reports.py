@@ -14,7 +14,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from store.db import session_scope
-from store.studies import claim_studies, complete_study
+from store.studies import claim_studies, complete_studies
 from store.tables import ModelVersion, Study, StudyStatus
 from tests.web.conftest import corrupt_png, png_bytes, upload
 from web.reports import NOTICE
@@ -30,18 +30,22 @@ def _finish_first(url: str) -> int:
         s.flush()
         sid = s.scalars(select(Study.id).where(Study.status == StudyStatus.QUEUED).order_by(Study.id)).first()
         claim_studies(s, study_ids=[sid], token="t1", lease_s=60, max_attempts=3)
-        assert complete_study(
+        assert complete_studies(
             s,
-            study_id=sid,
             token="t1",
             model_version_id=mv.id,
-            label="pneumonia",
-            p_covid=0.1,
-            p_normal=0.2,
-            p_pneumonia=0.7,
-            triage="urgent review",
-            elapsed_ms=12.5,
-        )
+            results=[
+                {
+                    "study_id": sid,
+                    "label": "pneumonia",
+                    "p_covid": 0.1,
+                    "p_normal": 0.2,
+                    "p_pneumonia": 0.7,
+                    "triage": "urgent review",
+                    "elapsed_ms": 12.5,
+                }
+            ],
+        ) == [sid]
         return sid
 
 
