@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from flask import Flask, jsonify, render_template, request
+from flask_smorest import Api
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.wrappers import Response
@@ -47,6 +48,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         REMEMBER_COOKIE_SECURE=settings.env == "production",
         WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the session; long uploads must not expire it
         CXR_ENV=settings.env,
+        # The JSON API's OpenAPI document (flask-smorest), at /api/openapi.json.
+        API_TITLE="CXR screening API",
+        API_VERSION="v1",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/api",
+        OPENAPI_JSON_PATH="openapi.json",
     )
     app.config.update({k: v for k, v in config.items() if k.isupper()})
 
@@ -68,7 +75,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(admin.bp)
     app.register_blueprint(review.bp)
     app.register_blueprint(registry.bp)
-    app.register_blueprint(api.bp)
+    # flask-smorest registers its own HTTPException handler here; the app's handlers below replace it.
+    Api(app).register_blueprint(api.bp)
     csrf.exempt(api.bp)  # bearer tokens, never cookies: CSRF does not apply
 
     @app.context_processor
