@@ -45,7 +45,7 @@ from bench.cpu_by_process import cpu_between, snapshot  # noqa: E402
 from model import shared_data_dir  # noqa: E402
 from store import migrate  # noqa: E402
 from store.db import dispose_all, session_scope  # noqa: E402
-from store.studies import add_study, batch_progress, create_batch, mark_queued  # noqa: E402
+from store.studies import add_studies, batch_progress, create_batch, mark_queued  # noqa: E402
 from store.tables import ModelVersion, Prediction, Role, Study  # noqa: E402
 from store.users import create_user, issue_api_token  # noqa: E402
 from tests.procs import service_env, settings_from_env, start_web, start_worker, stop_all  # noqa: E402
@@ -389,12 +389,14 @@ def main() -> None:  # noqa: PLR0915 - one linear script
                 from store.tables import User
 
                 batch = create_batch(s, owner=s.get(User, user_id), name=f"memory {args.memory_studies}")
-                ids = [
-                    add_study(
-                        s, batch=batch, filename=images[i % len(images)][0], data=data[i % len(data)]
-                    ).id
-                    for i in range(args.memory_studies)
-                ]
+                ids = add_studies(
+                    s,
+                    batch=batch,
+                    files=[
+                        {"filename": images[i % len(images)][0], "data": data[i % len(data)]}
+                        for i in range(args.memory_studies)
+                    ],
+                )
                 mark_queued(s, study_ids=ids, lease_s=3600)
             t_sent = time.monotonic()
             send_screen_chunks(ids, app=app)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
+from config import load_settings
 from store import migrate
-from store.config import load_settings
 from store.db import session_scope
 from store.tables import Role
 from store.users import UserError, create_user, ensure_admin, issue_api_token, list_users

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from store.config import load_settings
+from config import load_settings
 
 
 @click.command("retrain")

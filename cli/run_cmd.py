@@ -19,8 +19,8 @@ from pathlib import Path
 
 import click
 
+from config import PROJECT_ROOT, Settings, load_settings
 from store import migrate
-from store.config import PROJECT_ROOT, Settings, load_settings
 from store.db import session_scope
 from store.users import ensure_admin
 
@@ -28,7 +28,7 @@ STOP_TIMEOUT_S = 20.0
 
 
 def _default_port() -> int:
-    return int(os.environ.get("CXR_PORT", "8000"))
+    return load_settings().port
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -56,7 +56,7 @@ def worker_args(
     broker (SQLite, 500 studies, 2 vCPUs): solo ~200 studies/s, prefork ~140 (the prefork parent polls the
     queue folder between tasks); both far above what one person uploads.
     """
-    return [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queues] + [
+    return [sys.executable, "-m", "celery", "-A", "worker.main", "worker", "-Q", queues] + [
         "--pool",
         pool,
         "--concurrency",
@@ -72,7 +72,7 @@ def worker_args(
 def beat_args(settings: Settings, *, loglevel: str = "INFO") -> list[str]:
     """Command line of Celery beat, its schedule file under the data dir."""
     schedule = settings.data_dir / "celerybeat-schedule"
-    return [sys.executable, "-m", "celery", "-A", "worker.app", "beat", "--schedule", str(schedule)] + [
+    return [sys.executable, "-m", "celery", "-A", "worker.main", "beat", "--schedule", str(schedule)] + [
         "--loglevel",
         loglevel,
     ]

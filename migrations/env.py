@@ -6,7 +6,7 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from store.config import load_settings
+from config import load_settings
 from store.db import make_engine
 from store.tables import Base
 

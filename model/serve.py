@@ -6,7 +6,10 @@ One Predictor per process; calls are serialised by a lock (the interpreter is no
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -165,16 +168,27 @@ def _default_threads() -> int:
     return int(os.environ.get("CXR_SERVE_THREADS", "0")) or min(4, os.cpu_count() or 1)
 
 
-_CACHE: dict[Path, Predictor] = {}
+# The one predictor cache (worker, CLI), keyed by pid too: a forked child loads its own, never its parent's.
+_CACHE: dict[tuple[int, Path], Predictor] = {}
 _CACHE_LOCK = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 def load_predictor(artifact_dir: Path | None = None) -> Predictor:
     """Load (once per process and directory) an artifact's Predictor; None means the committed default."""
     path = Path(artifact_dir or DEFAULT_ARTIFACT_DIR).resolve()
+    key = (os.getpid(), path)
     with _CACHE_LOCK:
-        if path not in _CACHE:
+        if key not in _CACHE:
             if not (path / "meta.json").exists():
                 raise FileNotFoundError(f"no model artifact at {path} (meta.json missing)")
-            _CACHE[path] = Predictor(path)
-        return _CACHE[path]
+            started = time.perf_counter()
+            _CACHE[key] = Predictor(path)
+            log.info(
+                "model %s loaded from %s in %.1f s (pid %d)",
+                _CACHE[key].version,
+                path,
+                time.perf_counter() - started,
+                os.getpid(),
+            )
+        return _CACHE[key]

@@ -8,7 +8,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from store.audit import record_event
-from store.tables import ModelVersion, utcnow
+from store.tables import AuditEvent, ModelVersion, User, utcnow
+
+PROMOTE_ACTION = "model.promote"
 
 
 def register_model_version(
@@ -48,9 +50,33 @@ def promote(session: Session, *, model_version: ModelVersion, user_id: int | Non
     session.execute(update(ModelVersion).where(ModelVersion.id != model_version.id).values(is_serving=False))
     model_version.is_serving = True
     model_version.promoted_at = utcnow()
-    record_event(session, user_id=user_id, action="model.promote", target=f"model:{model_version.version}")
+    record_event(session, user_id=user_id, action=PROMOTE_ACTION, target=f"model:{model_version.version}")
 
 
 def list_versions(session: Session) -> list[ModelVersion]:
     """All model versions, newest first."""
     return list(session.scalars(select(ModelVersion).order_by(ModelVersion.id.desc())))
+
+
+def get_version(session: Session, *, version_id: int) -> ModelVersion | None:
+    """One model version by id, or None."""
+    return session.get(ModelVersion, version_id)
+
+
+def promotion_history(session: Session, *, limit: int = 100) -> list[dict[str, Any]]:
+    """Audit events of promotions (by hand or by a retraining run), newest first."""
+    rows = session.execute(
+        select(AuditEvent, User.username)
+        .outerjoin(User, User.id == AuditEvent.user_id)
+        .where(AuditEvent.action == PROMOTE_ACTION)
+        .order_by(AuditEvent.id.desc())
+        .limit(limit)
+    ).all()
+    return [
+        {
+            "at": ev.at,
+            "version": ev.target.removeprefix("model:"),
+            "by": username or "system (retraining or first start)",
+        }
+        for ev, username in rows
+    ]

@@ -111,3 +111,17 @@ def active_run(session: Session) -> RetrainRun | None:
         .order_by(RetrainRun.id.desc())
         .limit(1)
     )
+
+
+def retraining_progress(session: Session) -> dict[str, Any] | None:
+    """The run in progress as {run_id, epoch, epochs_total, trigger, started_at}, or None."""
+    run = active_run(session)
+    if run is None:
+        return None
+    return {
+        "run_id": run.id,
+        "epoch": run.epoch,
+        "epochs_total": run.epochs_total,
+        "trigger": run.trigger,
+        "started_at": run.started_at.isoformat() if run.started_at else None,
+    }

@@ -70,51 +70,12 @@ def hash_patient_key(raw: str | None) -> str | None:
     return hashlib.sha256(("cxr-patient:" + raw.strip()).encode()).hexdigest()
 
 
-def add_study(
-    session: Session,
-    *,
-    batch: Batch,
-    filename: str,
-    data: bytes | None,
-    fmt: str = "unknown",
-    width: int | None = None,
-    height: int | None = None,
-    thumbnail_png: bytes | None = None,
-    patient_key: str | None = None,
-    error: str | None = None,
-) -> Study:
-    """Store one uploaded file as a study: RECEIVED, or FAILED with a readable error if it was rejected."""
-    sha = None
-    if data:
-        sha = hashlib.sha256(data).hexdigest()
-        if session.get(Image, sha) is None:
-            session.add(Image(sha256=sha, size_bytes=len(data), data=data))
-            # Flush the image first: two identical files in one upload must not insert it twice.
-            session.flush()
-    study = Study(
-        batch_id=batch.id,
-        image_sha256=sha,
-        original_filename=filename[:512],
-        size_bytes=len(data) if data else 0,
-        format=fmt,
-        width=width,
-        height=height,
-        thumbnail_png=thumbnail_png,
-        patient_key=patient_key,
-        status=StudyStatus.FAILED if error else StudyStatus.RECEIVED,
-        error=error,
-        finished_at=utcnow() if error else None,
-    )
-    session.add(study)
-    session.flush()
-    return study
-
-
 def add_studies(session: Session, *, batch: Batch, files: Sequence[dict[str, Any]]) -> list[int]:
-    """add_study for a whole upload in a few statements (not three per file); the new study ids, in order.
+    """Store uploaded files as studies in a few statements (not three per file); the new study ids, in order.
 
-    Each dict takes add_study's keyword arguments (filename, data, fmt, width, height, thumbnail_png,
-    patient_key, error) and optionally size_bytes (the size of a rejected file whose bytes are not kept).
+    A study is RECEIVED, or FAILED with its readable error if the file was rejected. Each dict has filename,
+    data (None when rejected) and optionally fmt, width, height, thumbnail_png, patient_key, error and
+    size_bytes (the size of a rejected file whose bytes are not kept).
     Image bytes go in with INSERT ... ON CONFLICT DO NOTHING: identical files, in this upload or a
     concurrent one, are stored once without a read first and without a unique-key race.
     """
@@ -248,38 +209,10 @@ def load_image_bytes(session: Session, *, studies: Sequence[Study]) -> dict[int,
     return {s.id: data.get(s.image_sha256) if s.image_sha256 else None for s in studies}
 
 
-def complete_study(
-    session: Session,
-    *,
-    study_id: int,
-    token: str,
-    model_version_id: int,
-    label: str,
-    p_covid: float,
-    p_normal: float,
-    p_pneumonia: float,
-    triage: str,
-    elapsed_ms: float,
-) -> bool:
-    """RUNNING (held by token) -> DONE plus its prediction, atomically. False if the claim was lost."""
-    result = {
-        "study_id": study_id,
-        "label": label,
-        "p_covid": p_covid,
-        "p_normal": p_normal,
-        "p_pneumonia": p_pneumonia,
-        "triage": triage,
-        "elapsed_ms": elapsed_ms,
-    }
-    return complete_studies(session, token=token, model_version_id=model_version_id, results=[result]) == [
-        study_id
-    ]
-
-
 def complete_studies(
     session: Session, *, token: str, model_version_id: int, results: Sequence[dict[str, Any]]
 ) -> list[int]:
-    """Bulk complete_study for one chunk in two statements; returns the ids that became DONE.
+    """RUNNING (held by token) -> DONE plus a prediction, for one chunk in two statements; the ids now DONE.
 
     Each result dict has study_id, label, p_covid, p_normal, p_pneumonia, triage, elapsed_ms. Studies whose
     claim was lost are skipped; a prediction that already exists for (study, model version) is kept.
@@ -403,6 +336,26 @@ def reconcile(
             .returning(Study.id)
         ).scalars()
     )
+
+
+def received_study_ids(session: Session, *, batch_id: int) -> list[int]:
+    """The batch's studies waiting to be started (RECEIVED)."""
+    return list(
+        session.scalars(
+            select(Study.id).where(Study.batch_id == batch_id, Study.status == StudyStatus.RECEIVED)
+        )
+    )
+
+
+def count_failed(session: Session, *, batch_id: int) -> int:
+    """How many of the batch's studies are FAILED."""
+    stmt = select(func.count(Study.id)).where(Study.batch_id == batch_id, Study.status == StudyStatus.FAILED)
+    return int(session.scalar(stmt) or 0)
+
+
+def image_data(session: Session, *, sha256: str) -> bytes | None:
+    """The stored bytes of one image, or None."""
+    return session.scalar(select(Image.data).where(Image.sha256 == sha256))
 
 
 def batch_progress(session: Session, *, batch_ids: Sequence[int]) -> dict[int, Progress]:

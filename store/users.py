@@ -1,4 +1,4 @@
-"""Accounts: creation by an admin, password checks, API tokens. Standard library hashing only."""
+"""Accounts: creation by an admin, password checks (werkzeug.security), API tokens."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import secrets
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from werkzeug.security import check_password_hash, generate_password_hash
 
 from store.audit import record_event
 from store.tables import Role, User
 
-_SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 64}
+# Werkzeug's scrypt (its default), self-describing: "scrypt:32768:8:1$<salt>$<hex>".
+PASSWORD_METHOD = "scrypt"
+_LEGACY_PREFIX = "scrypt$"  # hashes written by hand before werkzeug: "scrypt$n$r$p$salt$digest"
 
 
 class UserError(ValueError):
@@ -20,19 +23,29 @@ class UserError(ValueError):
 
 
 def hash_password(password: str) -> str:
-    """scrypt hash with a random salt, self-describing."""
-    salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, **_SCRYPT)
-    return f"scrypt${_SCRYPT['n']}${_SCRYPT['r']}${_SCRYPT['p']}${salt.hex()}${digest.hex()}"
+    """A salted, self-describing password hash (werkzeug.security)."""
+    return generate_password_hash(password, method=PASSWORD_METHOD)
+
+
+def needs_rehash(stored: str) -> bool:
+    """True for a hash in the old hand-written format: replaced at the next successful sign-in."""
+    return stored.startswith(_LEGACY_PREFIX)
 
 
 def verify_password(stored: str, password: str) -> bool:
-    """Constant-time check of password against a stored hash."""
+    """Constant-time check of password against a stored hash (werkzeug's, or the old hand-written scrypt)."""
+    if not needs_rehash(stored):
+        try:
+            return check_password_hash(stored, password)
+        except ValueError:
+            return False
+    return _verify_legacy(stored, password)
+
+
+def _verify_legacy(stored: str, password: str) -> bool:
     try:
-        scheme, n, r, p, salt_hex, digest_hex = stored.split("$")
+        _scheme, n, r, p, salt_hex, digest_hex = stored.split("$")
     except ValueError:
-        return False
-    if scheme != "scrypt":
         return False
     digest = hashlib.scrypt(
         password.encode(),
@@ -70,13 +83,17 @@ def create_user(
 
 
 def authenticate(session: Session, *, username: str, password: str) -> User | None:
-    """The active user with these credentials, or None."""
+    """The active user with these credentials, or None; an old-format hash is upgraded (caller commits)."""
     user = session.scalar(select(User).where(User.username == username.strip()))
     if user is None or not user.is_active:
         # Spend the same time as a real check so user names cannot be probed by timing.
         verify_password(hash_password("x" * 10), password)
         return None
-    return user if verify_password(user.password_hash, password) else None
+    if not verify_password(user.password_hash, password):
+        return None
+    if needs_rehash(user.password_hash):
+        user.password_hash = hash_password(password)
+    return user
 
 
 def _token_digest(token: str) -> str:
@@ -114,6 +131,11 @@ def set_password(session: Session, *, user: User, password: str, changed_by: int
         raise UserError("password must be at least 10 characters")
     user.password_hash = hash_password(password)
     record_event(session, user_id=changed_by, action="user.password", target=f"user:{user.id}")
+
+
+def get_user(session: Session, *, user_id: int) -> User | None:
+    """One account by id, or None."""
+    return session.get(User, user_id)
 
 
 def list_users(session: Session) -> list[User]:

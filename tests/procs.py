@@ -67,8 +67,8 @@ def service_env(
 
 
 def settings_from_env(env: Mapping[str, str]):  # noqa: ANN201
-    """store.config.Settings as a process started with env would load them."""
-    from store.config import load_settings
+    """config.Settings as a process started with env would load them."""
+    from config import load_settings
 
     saved = {k: v for k, v in os.environ.items() if k.startswith("CXR_")}
     try:
@@ -125,7 +125,7 @@ def start_worker(
     env: Mapping[str, str],
     *,
     log_path: Path | None = None,
-    app: str = "worker.app",
+    app: str = "worker.main",
     pool: str = "prefork",
     concurrency: int = 1,
     queues: str = "inference,training",
@@ -154,7 +154,7 @@ def start_beat(env: Mapping[str, str], *, log_path: Path | None = None) -> subpr
     """Start a real `celery beat` with its schedule file under the data dir."""
     data_dir = Path(env["CXR_DATA_DIR"])
     log_path = log_path or data_dir / f"beat-{time.monotonic_ns()}.log"
-    args = [sys.executable, "-m", "celery", "-A", "worker.app", "beat", "--loglevel", "INFO"]
+    args = [sys.executable, "-m", "celery", "-A", "worker.main", "beat", "--loglevel", "INFO"]
     args += ["--schedule", str(data_dir / "celerybeat-schedule")]
     return _spawn(args, env, log_path)
 

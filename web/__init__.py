@@ -1,22 +1,21 @@
 """The Flask web app: one factory, blueprints for auth, batches, reports, admin and the JSON API.
 
-The web process never imports TensorFlow: it validates uploads with model.preprocess (OpenCV/pydicom only)
-and sends tasks by name through worker.app.
+The web process never imports TensorFlow: it parses requests and hands files to intake (OpenCV/pydicom
+only), reads and changes state through store, and reaches the queue through worker.app (Celery only).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 from typing import Any
 
 from flask import Flask, jsonify, render_template, request
+from flask_smorest import Api
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.wrappers import Response
 
-from store.config import Settings, load_settings
+from config import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +23,10 @@ log = logging.getLogger(__name__)
 def _apply_overrides(settings: Settings, config: dict[str, Any]) -> Settings:
     # Keys named like Settings fields in upper case (DATABASE_URL, MAX_UPLOAD_BYTES, ...) override the
     # environment; this is how tests point the app at a throwaway database.
-    names = {f.name for f in dataclasses.fields(Settings)}
-    changes = {k.lower(): v for k, v in config.items() if k.lower() in names and k.isupper()}
-    return dataclasses.replace(settings, **changes) if changes else settings
-
-
-def _cap_decoders(max_pixels: int) -> None:
-    # Second line of defence behind the header check in web.uploads: the decoders themselves refuse images
-    # over the cap. OpenCV reads its variable when first used, so set it before anything decodes.
-    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(max_pixels))
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    names = set(Settings.model_fields)
+    return settings.with_overrides(
+        **{k.lower(): v for k, v in config.items() if k.lower() in names and k.isupper()}
+    )
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
@@ -57,10 +48,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         REMEMBER_COOKIE_SECURE=settings.env == "production",
         WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the session; long uploads must not expire it
         CXR_ENV=settings.env,
+        # The JSON API's OpenAPI document (flask-smorest), at /api/openapi.json.
+        API_TITLE="CXR screening API",
+        API_VERSION="v1",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/api",
+        OPENAPI_JSON_PATH="openapi.json",
     )
     app.config.update({k: v for k, v in config.items() if k.isupper()})
-
-    _cap_decoders(settings.max_image_pixels)
 
     from web.db import init_db
     from web.extensions import csrf, login_manager
@@ -72,7 +67,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     login_manager.login_message = "Please sign in."
     login_manager.session_protection = "strong"
 
-    from web import admin, api, auth, batches, registry, reports, review
+    from web import admin, api, auth, batches, common, registry, reports, review
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(batches.bp)
@@ -80,12 +75,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(admin.bp)
     app.register_blueprint(review.bp)
     app.register_blueprint(registry.bp)
-    app.register_blueprint(api.bp)
+    # flask-smorest registers its own HTTPException handler here; the app's handlers below replace it.
+    Api(app).register_blueprint(api.bp)
     csrf.exempt(api.bp)  # bearer tokens, never cookies: CSRF does not apply
 
     @app.context_processor
     def _globals() -> dict[str, Any]:
-        return {"notice": reports.NOTICE, "review_roles": review.REVIEW_ROLES}
+        return {"notice": reports.NOTICE, "review_roles": common.REVIEW_ROLES}
 
     @app.after_request
     def _security_headers(resp: Response) -> Response:

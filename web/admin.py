@@ -2,38 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import wraps
-from typing import Any, TypeVar
-
 from flask import Blueprint, abort, flash, redirect, render_template, url_for
-from flask_login import current_user, login_required
 from flask_wtf import FlaskForm
 from werkzeug.wrappers import Response
 from wtforms import PasswordField, SelectField, StringField
 from wtforms.validators import DataRequired, Length
 
-from store.tables import Role, User
-from store.users import UserError, create_user, issue_api_token, list_users
+from store.tables import Role
+from store.users import UserError, create_user, get_user, issue_api_token, list_users
 from web.auth import current_row
+from web.common import ActionForm, admin_required
 from web.db import get_db
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def admin_required(view: F) -> F:
-    """Signed in and an administrator, else 403."""
-
-    @wraps(view)
-    @login_required
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        if not current_user.is_admin:
-            abort(403)
-        return view(*args, **kwargs)
-
-    return wrapped  # type: ignore[return-value]
 
 
 class NewUserForm(FlaskForm):
@@ -46,14 +27,10 @@ class NewUserForm(FlaskForm):
     role = SelectField("Role", choices=[(r.value, r.value) for r in Role], default=Role.USER.value)
 
 
-class TokenForm(FlaskForm):
-    """An empty form: issuing a token is a CSRF-checked POST."""
-
-
 def _page(form: NewUserForm, token: tuple[str, str] | None = None, status: int = 200) -> tuple[str, int]:
     return (
         render_template(
-            "admin/users.html", users=list_users(get_db()), form=form, token_form=TokenForm(), token=token
+            "admin/users.html", users=list_users(get_db()), form=form, token_form=ActionForm(), token=token
         ),
         status,
     )
@@ -88,10 +65,10 @@ def users() -> tuple[str, int] | Response:
 @admin_required
 def token(user_id: int) -> tuple[str, int]:
     """Issue (or replace) a user's API token and show it once; it is never stored in the session cookie."""
-    if not TokenForm().validate_on_submit():
+    if not ActionForm().validate_on_submit():
         abort(400)
     db = get_db()
-    user = db.get(User, user_id)
+    user = get_user(db, user_id=user_id)
     if user is None:
         abort(404)
     plain = issue_api_token(db, user=user)

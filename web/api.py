@@ -1,28 +1,83 @@
-"""JSON API under /api/v1 for scripts: per-user bearer tokens, no cookies, so no CSRF."""
+"""JSON API under /api/v1 for scripts: per-user bearer tokens, no cookies, so no CSRF.
+
+Described by flask-smorest (marshmallow schemas): requests are validated by the schemas below, and the OpenAPI
+document is served at /api/openapi.json. A request the schemas refuse gets 400 with {"error": ...}.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, abort, g, jsonify, request
+from flask import abort, g, jsonify, request
+from flask_smorest import Blueprint
+from marshmallow import EXCLUDE, Schema, fields, validate
+from webargs.flaskparser import FlaskParser
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
+from intake.batches import ingest_files, start_batch, submit_batch
+from store.reports import NOTICE, batch_payload
 from store.reviews import LABELS, ReviewError, review_study
-from store.studies import batch_progress, batches_visible_to, create_batch, get_batch_for, get_study_for
+from store.studies import batch_progress, batches_visible_to, get_batch_for, get_study_for
 from store.tables import Batch, User
 from store.users import user_for_token
-from web.batches import uploaded_files
+from web.common import NOTE_MAX, REVIEW_ROLES, uploaded_files
 from web.db import get_db, get_settings
-from web.reports import NOTICE, batch_payload
-from web.review import NOTE_MAX, REVIEW_ROLES
-from web.uploads import ingest_files, start_batch, submit_batch
-
-bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 
-def _truthy(value: object) -> bool:
-    return str(value).strip().lower() in {"1", "true", "yes", "on"}
+class _JsonOrFormParser(FlaskParser):
+    """Body arguments documented as JSON, also read from form fields (a multipart upload sends both)."""
+
+    def load_json(self, req, schema):  # noqa: ANN001, ANN201 - webargs' signature
+        """The JSON body, or the form fields of a form or multipart request."""
+        if req.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            return self.load_form(req, schema)
+        return super().load_json(req, schema)
+
+
+class _Blueprint(Blueprint):
+    ARGUMENTS_PARSER = _JsonOrFormParser()
+
+
+bp = _Blueprint(
+    "api", __name__, url_prefix="/api/v1", description="Batches, uploads, progress, results and reviews."
+)
+# Every refused request is a 400, as before the schemas described the API.
+INVALID = 400
+
+
+class _Lenient(Schema):
+    """Unknown fields are ignored, as they always were."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+
+class BatchCreateArgs(_Lenient):
+    """POST /batches (JSON or form fields)."""
+
+    name = fields.String(load_default="", validate=validate.Length(max=200))
+    notes = fields.String(load_default="", validate=validate.Length(max=10_000))
+    start = fields.Boolean(load_default=False, metadata={"description": "with files: start screening now"})
+    patient_id = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=64))
+
+
+class PatientArgs(_Lenient):
+    """Optional form field of an upload."""
+
+    patient_id = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=64))
+
+
+class ReviewArgs(_Lenient):
+    """POST /studies/<id>/review (JSON or form fields)."""
+
+    label = fields.String(required=True, validate=validate.OneOf(LABELS))
+    note = fields.String(load_default="", validate=validate.Length(max=NOTE_MAX))
+
+
+def _files() -> list[tuple[str, bytes]]:
+    """The multipart file parts (field "files", repeatable: PNG, JPEG, DICOM, or zips of them)."""
+    return uploaded_files(request.files.getlist("files"))
 
 
 @bp.before_request
@@ -41,6 +96,11 @@ def _authenticate() -> Response | None:
 
 @bp.errorhandler(HTTPException)
 def _json_error(exc: HTTPException) -> tuple[Response, int]:
+    messages = (getattr(exc, "data", None) or {}).get("messages")
+    if messages:  # refused by a schema: say which field and why
+        flat = {f: m for by_location in messages.values() for f, m in by_location.items()}
+        text = "; ".join(f"{f}: {' '.join(m) if isinstance(m, list) else m}" for f, m in flat.items())
+        return jsonify({"error": f"invalid request ({text})", "fields": flat}), exc.code or INVALID
     return jsonify({"error": exc.description or exc.name}), exc.code or 500
 
 
@@ -67,13 +127,6 @@ def _summary(batch: Batch) -> dict[str, Any]:
     }
 
 
-def _params() -> dict[str, Any]:
-    if request.is_json:
-        body = request.get_json(silent=True)
-        return body if isinstance(body, dict) else {}
-    return request.form.to_dict()
-
-
 @bp.get("/batches")
 def list_batches() -> Response:
     """Every batch the token's user may see."""
@@ -88,40 +141,40 @@ def list_batches() -> Response:
 
 
 @bp.post("/batches")
-def create() -> tuple[Response, int]:
-    """Create a batch; with multipart files and start=true it is also uploaded and started in one call."""
-    params = _params()
-    name, notes = str(params.get("name") or ""), str(params.get("notes") or "")
+@bp.arguments(BatchCreateArgs, location="json", error_status_code=INVALID)
+def create(params: dict[str, Any]) -> tuple[Response, int]:
+    """Create a batch; with multipart files and start=true it is also uploaded and started in one call.
+
+    JSON, or multipart form fields with the images as repeatable file parts named "files".
+    """
+    name, notes = params["name"], params["notes"]
     db = get_db()
-    files = uploaded_files(request.files.getlist("files")) if request.files else []
-    if files and _truthy(params.get("start", "false")):
-        result = submit_batch(
-            db,
-            owner=_user(),
-            name=name,
-            notes=notes,
-            files=files,
-            settings=get_settings(),
-            patient_id=params.get("patient_id") or None,
-        )
-        body = _summary(result.batch)
-        body.update(
-            study_ids=result.study_ids, queued=result.start.queued, enqueue_error=result.start.enqueue_error
-        )
-        return jsonify(body), 201
-    batch = create_batch(db, owner=_user(), name=name, notes=notes)
-    ids = ingest_files(db, batch=batch, files=files, settings=get_settings()) if files else []
-    db.commit()
-    body = _summary(batch)
-    body.update(study_ids=ids, queued=[])
+    files = _files()
+    start = bool(files) and params["start"]
+    # One path with or without start (the same audit event); started: committed, then enqueued.
+    result = submit_batch(
+        db,
+        owner=_user(),
+        name=name,
+        notes=notes,
+        files=files,
+        settings=get_settings(),
+        patient_id=params["patient_id"] or None,
+        start=start,
+    )
+    body = _summary(result.batch)
+    body.update(study_ids=result.study_ids, queued=result.start.queued)
+    if start:
+        body["enqueue_error"] = result.start.enqueue_error
     return jsonify(body), 201
 
 
 @bp.post("/batches/<int:batch_id>/files")
-def upload(batch_id: int) -> tuple[Response, int]:
+@bp.arguments(PatientArgs, location="json", error_status_code=INVALID)
+def upload(form: dict[str, Any], batch_id: int) -> tuple[Response, int]:
     """Add files (multipart field "files", repeatable; zips expanded) to a batch; they wait for start."""
     batch = _batch_or_404(batch_id, manage=True)
-    files = uploaded_files(request.files.getlist("files"))
+    files = _files()
     if not files:
         abort(400, description='send the images as multipart form field "files"')
     db = get_db()
@@ -130,7 +183,7 @@ def upload(batch_id: int) -> tuple[Response, int]:
         batch=batch,
         files=files,
         settings=get_settings(),
-        patient_id=request.form.get("patient_id") or None,
+        patient_id=form["patient_id"] or None,
     )
     db.commit()
     body = _summary(batch)
@@ -161,7 +214,8 @@ def results(batch_id: int) -> Response:
 
 
 @bp.post("/studies/<int:study_id>/review")
-def review(study_id: int) -> tuple[Response, int]:
+@bp.arguments(ReviewArgs, location="json", error_status_code=INVALID)
+def review(params: dict[str, Any], study_id: int) -> tuple[Response, int]:
     """Confirm or correct a finished study's label (JSON {label, note}); reviewers and admins only."""
     user = _user()
     if user.role not in REVIEW_ROLES:
@@ -170,12 +224,7 @@ def review(study_id: int) -> tuple[Response, int]:
     study = get_study_for(db, user=user, study_id=study_id)
     if study is None:
         abort(404, description="no such study")
-    params = _params()
-    label, note = params.get("label"), params.get("note") or ""
-    if not isinstance(label, str) or label not in LABELS:
-        abort(400, description=f"label must be one of {', '.join(LABELS)}")
-    if not isinstance(note, str) or len(note) > NOTE_MAX:
-        abort(400, description=f"note must be text of at most {NOTE_MAX} characters")
+    label, note = params["label"], params["note"] or ""
     try:
         saved = review_study(db, study=study, reviewer=user, label=label, note=note)
     except ReviewError as exc:

@@ -13,7 +13,8 @@ from wtforms.validators import DataRequired, Length
 
 from store.audit import record_event
 from store.tables import User
-from store.users import authenticate, issue_api_token
+from store.users import authenticate, get_user, issue_api_token
+from web.common import ActionForm
 from web.db import get_db
 from web.extensions import login_manager
 
@@ -49,7 +50,7 @@ def _load_user(session_id: str) -> LoginUser | None:
     user_id, _, fingerprint = session_id.partition(":")
     if not user_id.isdigit():
         return None
-    row = get_db().get(User, int(user_id))
+    row = get_user(get_db(), user_id=int(user_id))
     if row is None or not row.is_active or row.password_hash[-12:] != fingerprint:
         return None
     return LoginUser(row)
@@ -65,10 +66,6 @@ class LoginForm(FlaskForm):
 
     username = StringField("Username", validators=[DataRequired(), Length(max=64)])
     password = PasswordField("Password", validators=[DataRequired(), Length(max=1024)])
-
-
-class LogoutForm(FlaskForm):
-    """An empty form: signing out is a POST with a CSRF token."""
 
 
 def _safe_next(target: str | None) -> str | None:
@@ -106,7 +103,7 @@ def login() -> str | Response:
 @login_required
 def logout() -> Response:
     """Sign out (POST only, CSRF-checked)."""
-    form = LogoutForm()
+    form = ActionForm()
     if form.validate_on_submit():
         db = get_db()
         record_event(db, user_id=current_user.id, action="auth.logout", target=f"user:{current_user.id}")
@@ -116,15 +113,11 @@ def logout() -> Response:
     return redirect(url_for("auth.login"))
 
 
-class TokenForm(FlaskForm):
-    """An empty form: issuing a token is a CSRF-checked POST."""
-
-
 @bp.route("/account", methods=["GET", "POST"])
 @login_required
 def account() -> str:
     """The signed-in user's account: issue (or replace) a personal API token, shown once."""
-    form = TokenForm()
+    form = ActionForm()
     token = None
     if form.validate_on_submit():
         db = get_db()

@@ -8,16 +8,16 @@ from flask import Blueprint, abort, flash, jsonify, redirect, render_template, r
 from flask_login import login_required
 from flask_wtf import FlaskForm
 from flask_wtf.file import MultipleFileField
-from werkzeug.datastructures import FileStorage
 from werkzeug.wrappers import Response
 from wtforms import StringField, TextAreaField
 from wtforms.validators import Length, Optional
 
+from intake.batches import study_thumbnail, submit_batch
+from store.retraining import retraining_progress
 from store.studies import batch_progress, batches_visible_to, get_batch_for, get_study_for
 from web.auth import current_row
+from web.common import uploaded_files
 from web.db import get_db, get_settings
-from web.registry import retraining_progress
-from web.uploads import study_thumbnail, submit_batch
 
 bp = Blueprint("batches", __name__)
 
@@ -32,18 +32,6 @@ class NewBatchForm(FlaskForm):
         validators=[Optional(), Length(max=64)],
     )
     files = MultipleFileField("Images")
-
-
-def uploaded_files(storages: list[FileStorage]) -> list[tuple[str, bytes]]:
-    """(client file name, bytes) for every non-blank file part of a multipart request."""
-    out = []
-    for fs in storages:
-        data = fs.read()
-        # A form submitted with no file selected still sends one empty part without a name.
-        if not fs.filename and not data:
-            continue
-        out.append((fs.filename or "unnamed", data))
-    return out
 
 
 @bp.route("/")

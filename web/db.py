@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Flask, current_app, g
 from sqlalchemy.orm import Session
 
-from store.config import Settings
+from config import Settings
 from store.db import session_factory
 
 

@@ -3,31 +3,24 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from functools import wraps
-from typing import Any, TypeVar
+from typing import Any
 
 from flask import Blueprint, abort, flash, redirect, render_template, url_for
-from flask_login import current_user, login_required
-from flask_wtf import FlaskForm
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from flask_login import current_user
 from werkzeug.wrappers import Response
 
-from store.models_registry import list_versions, promote, serving_version
-from store.retraining import active_run, list_runs
-from store.tables import AuditEvent, ModelVersion, RetrainRun, User
-from web.admin import admin_required
+from store.models_registry import get_version, list_versions, promote, promotion_history, serving_version
+from store.retraining import list_runs, retraining_progress
+from store.tables import RetrainRun
 from web.auth import current_row
+from web.common import ActionForm, admin_required, reviewer_required
 from web.db import get_db
-from web.review import REVIEW_ROLES
+from worker import app as queue  # Celery only, never TensorFlow
 
 bp = Blueprint("registry", __name__)
 log = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Any])
 
-PROMOTE_ACTION = "model.promote"
 # Metric names worth a headline, in display order; everything else is under "all metrics".
 HEADLINE_KEYS = (
     "macro_f1",
@@ -39,23 +32,6 @@ HEADLINE_KEYS = (
     "ece",
 )
 MAX_METRICS = 200
-
-
-def reviewer_required(view: F) -> F:
-    """Signed in as a reviewer or an administrator, else 403."""
-
-    @wraps(view)
-    @login_required
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        if current_row().role not in REVIEW_ROLES:
-            abort(403)
-        return view(*args, **kwargs)
-
-    return wrapped  # type: ignore[return-value]
-
-
-class ActionForm(FlaskForm):
-    """An empty form: promotions and retraining are CSRF-checked POSTs."""
 
 
 def _fmt(value: object) -> str:
@@ -110,25 +86,6 @@ def headline_metrics(metrics: object) -> list[tuple[str, str]]:
     return sorted(picked, key=order)
 
 
-def promotion_history(session: Session, *, limit: int = 100) -> list[dict[str, Any]]:
-    """Audit events of promotions (by hand or by a retraining run), newest first."""
-    rows = session.execute(
-        select(AuditEvent, User.username)
-        .outerjoin(User, User.id == AuditEvent.user_id)
-        .where(AuditEvent.action == PROMOTE_ACTION)
-        .order_by(AuditEvent.id.desc())
-        .limit(limit)
-    ).all()
-    return [
-        {
-            "at": ev.at,
-            "version": ev.target.removeprefix("model:"),
-            "by": username or "system (retraining or first start)",
-        }
-        for ev, username in rows
-    ]
-
-
 def run_dict(run: RetrainRun, versions: dict[int, str]) -> dict[str, Any]:
     """A retraining run for display and JSON."""
     return {
@@ -143,20 +100,6 @@ def run_dict(run: RetrainRun, versions: dict[int, str]) -> dict[str, Any]:
         "candidate_version": versions.get(run.candidate_version_id) if run.candidate_version_id else None,
         "current_version": versions.get(run.current_version_id) if run.current_version_id else None,
         "reasons": run.reasons or "",
-    }
-
-
-def retraining_progress(session: Session) -> dict[str, Any] | None:
-    """The run in progress as {run_id, epoch, epochs_total, trigger, started_at}, or None."""
-    run = active_run(session)
-    if run is None:
-        return None
-    return {
-        "run_id": run.id,
-        "epoch": run.epoch,
-        "epochs_total": run.epochs_total,
-        "trigger": run.trigger,
-        "started_at": run.started_at.isoformat() if run.started_at else None,
     }
 
 
@@ -188,7 +131,7 @@ def promote_version(version_id: int) -> Response:
     if not ActionForm().validate_on_submit():
         abort(400)
     db = get_db()
-    mv = db.get(ModelVersion, version_id)
+    mv = get_version(db, version_id=version_id)
     if mv is None:
         abort(404, description="No such model version.")
     if mv.is_serving:
@@ -209,9 +152,7 @@ def retrain() -> Response:
     if not ActionForm().validate_on_submit():
         abort(400)
     try:
-        from worker import app as worker_app  # Celery only, never TensorFlow
-
-        worker_app.send_retrain("admin")
+        queue.send_retrain("admin")
     except Exception as exc:  # noqa: BLE001 - the page must say the request did not go out
         log.exception("sending the retraining task failed")
         flash(f"The retraining request could not be queued ({type(exc).__name__}); try again later.", "error")

@@ -6,27 +6,25 @@ import csv
 import io
 import logging
 import re
-from typing import Any
 
 from flask import Blueprint, abort, flash, jsonify, redirect, render_template, url_for
 from flask_login import login_required
-from flask_wtf import FlaskForm
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response
 
 from store.models_registry import serving_version
-from store.studies import batch_progress, get_batch_for, rescreen_batch, study_rows
-from store.tables import Batch, ModelVersion, Prediction, Review, User
-from web import uploads
+from store.reports import NOTICE, batch_payload, study_dicts
+from store.studies import batch_progress, get_batch_for, rescreen_batch
+from store.tables import Batch
 from web.auth import current_row
+from web.common import REVIEW_ROLES, ActionForm
 from web.db import get_db, get_settings
-from web.review import REVIEW_ROLES, ReviewForm
+from web.review import ReviewForm
+from worker import app as queue
 
 bp = Blueprint("reports", __name__)
 log = logging.getLogger(__name__)
 
-NOTICE = "Research and teaching tool — not a medical device; not for diagnosis."
 CSV_COLUMNS = (
     "study_id",
     "file_name",
@@ -44,122 +42,6 @@ CSV_COLUMNS = (
     "review_label",
     "review_note",
 )
-
-
-class RescreenForm(FlaskForm):
-    """An empty form: re-screening a batch is a CSRF-checked POST."""
-
-
-def latest_reviews(session: Session, *, study_ids: list[int]) -> dict[int, dict[str, Any]]:
-    """The newest review of each of these studies (one query), with the reviewer's name."""
-    out: dict[int, dict[str, Any]] = {}
-    if not study_ids:
-        return out
-    rows = session.execute(
-        select(Review, User.username)
-        .outerjoin(User, User.id == Review.reviewer_id)
-        .where(Review.study_id.in_(study_ids))
-        .order_by(Review.id)
-    ).all()
-    for review, username in rows:
-        out[review.study_id] = {
-            "label": review.label,
-            "agrees": review.agrees,
-            "note": review.note,
-            "reviewer": username,
-            "at": review.created_at.isoformat(),
-        }
-    return out
-
-
-def all_predictions(session: Session, *, study_ids: list[int]) -> dict[int, list[dict[str, Any]]]:
-    """Every prediction of these studies, oldest first, each with its model version string."""
-    out: dict[int, list[dict[str, Any]]] = {sid: [] for sid in study_ids}
-    if not study_ids:
-        return out
-    rows = session.execute(
-        select(Prediction, ModelVersion.version)
-        .join(ModelVersion, ModelVersion.id == Prediction.model_version_id)
-        .where(Prediction.study_id.in_(study_ids))
-        .order_by(Prediction.id)
-    ).all()
-    for pred, version in rows:
-        out[pred.study_id].append(
-            {
-                "model_version": version,
-                "predicted_class": pred.label,
-                "p_covid": pred.p_covid,
-                "p_normal": pred.p_normal,
-                "p_pneumonia": pred.p_pneumonia,
-                "triage": pred.triage,
-                "created_at": pred.created_at.isoformat(),
-            }
-        )
-    return out
-
-
-def study_dicts(session: Session, *, batch: Batch) -> list[dict[str, Any]]:
-    """One plain dict per study of the batch, with its latest prediction (the shape of the JSON export)."""
-    versions: dict[int, str] = {}
-    out = []
-    rows = study_rows(session, batch_id=batch.id)
-    reviews = latest_reviews(session, study_ids=[study.id for study, _ in rows])
-    for study, pred in rows:
-        review = reviews.get(study.id)
-        version = None
-        if pred is not None:
-            if pred.model_version_id not in versions:
-                mv = session.get(ModelVersion, pred.model_version_id)
-                versions[pred.model_version_id] = mv.version if mv else str(pred.model_version_id)
-            version = versions[pred.model_version_id]
-        out.append(
-            {
-                "study_id": study.id,
-                "file_name": study.original_filename,
-                "status": study.status.value,
-                "format": study.format,
-                "width": study.width,
-                "height": study.height,
-                "has_thumbnail": study.image_sha256 is not None,  # only validated images have a preview
-                "predicted_class": pred.label if pred else None,
-                "p_covid": pred.p_covid if pred else None,
-                "p_normal": pred.p_normal if pred else None,
-                "p_pneumonia": pred.p_pneumonia if pred else None,
-                "triage": pred.triage if pred else None,
-                "model_version": version,
-                "error": study.error,
-                "review_label": review["label"] if review else None,
-                "review_note": review["note"] if review else None,
-                "review_agrees": review["agrees"] if review else None,
-                "reviewer": review["reviewer"] if review else None,
-                "reviewed_at": review["at"] if review else None,
-            }
-        )
-    return out
-
-
-def batch_payload(session: Session, *, batch: Batch) -> dict[str, Any]:
-    """The JSON export of a batch: notice, batch metadata, progress, one entry per study."""
-    progress = batch_progress(session, batch_ids=[batch.id])[batch.id]
-    studies = [
-        {k: v for k, v in row.items() if k != "has_thumbnail"} for row in study_dicts(session, batch=batch)
-    ]
-    # Re-screening adds predictions and never overwrites: the export carries all of them, oldest first.
-    history = all_predictions(session, study_ids=[row["study_id"] for row in studies])
-    for row in studies:
-        row["predictions"] = history.get(row["study_id"], [])
-    return {
-        "notice": NOTICE,
-        "batch": {
-            "id": batch.id,
-            "name": batch.name,
-            "notes": batch.notes,
-            "owner": batch.owner.username,
-            "created_at": batch.created_at.isoformat(),
-        },
-        "progress": progress.as_dict(),
-        "studies": studies,
-    }
 
 
 def _csv_cell(value: object) -> object:
@@ -237,7 +119,7 @@ def report_json(batch_id: int) -> Response:
 def rescreen(batch_id: int) -> Response:
     """Send a finished batch through the serving model again; old predictions are kept."""
     batch = _visible_batch(batch_id, manage=True)  # owner or admin; anyone else (reviewers too) gets 404
-    if not RescreenForm().validate_on_submit():
+    if not ActionForm().validate_on_submit():
         abort(400)
     db = get_db()
     back = redirect(url_for("reports.report", batch_id=batch.id))
@@ -250,15 +132,12 @@ def rescreen(batch_id: int) -> Response:
         return back
     settings = get_settings()
     ids = rescreen_batch(db, batch_id=batch.id, lease_s=settings.queued_lease_s, user_id=current_row().id)
-    # Commit before enqueueing: a worker must see the studies QUEUED.
-    db.commit()
+    # Commits, THEN enqueues: a worker must see the studies QUEUED.
+    enqueue_error = queue.enqueue_after_commit(db, ids)
     if not ids:
         flash("No study of this batch has an image to screen again.", "info")
         return back
-    try:
-        uploads.send_screen_chunks(ids)  # looked up at call time: tests replace it with a recording fake
-    except Exception:  # noqa: BLE001 - the studies are saved QUEUED; the reconciler re-queues after the lease
-        log.exception("enqueueing the re-screen of batch %s failed", batch.id)
+    if enqueue_error:  # the studies are saved QUEUED; the reconciler re-queues them after the lease
         flash(
             "The work queue could not be reached; the studies are saved and will be queued again "
             "automatically.",

@@ -11,14 +11,11 @@ from wtforms.validators import DataRequired, Length, Optional
 
 from store.reviews import LABELS, ReviewError, review_study
 from store.studies import get_study_for
-from store.tables import Role
 from web.auth import current_row
+from web.common import NOTE_MAX, REVIEW_ROLES
 from web.db import get_db
 
 bp = Blueprint("review", __name__)
-
-REVIEW_ROLES = (Role.REVIEWER, Role.ADMIN)
-NOTE_MAX = 2000
 
 
 class ReviewForm(FlaskForm):

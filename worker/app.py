@@ -1,11 +1,14 @@
-"""The Celery app and its configuration. No TensorFlow: the web process imports this to send tasks by name.
+"""The Celery app factory, its configuration, and the one way to the queue. No TensorFlow, no app at import.
 
-Only `send_screen_chunks`, `send_retrain` and the task names are meant for other packages; the worker process
-registers the tasks themselves through `include=["worker.tasks"]`.
+Other packages use `enqueue_after_commit` (screening: commit, then send), `send_retrain` and the task names;
+the worker process registers the tasks themselves through `include=["worker.tasks"]`. `celery -A worker.main`
+builds the app a worker or beat runs (Flask's Celery pattern: a small module the command points at).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,9 +16,12 @@ from typing import Any
 from celery import Celery
 from celery.schedules import crontab
 from kombu import Exchange, Queue
+from sqlalchemy.orm import Session
 
-from store.config import Settings, load_settings
+from config import Settings, load_settings
 from store.studies import chunked
+
+log = logging.getLogger(__name__)
 
 SCREEN_TASK = "cxr.screen_chunk"
 RECONCILE_TASK = "cxr.reconcile"
@@ -82,10 +88,18 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     return schedule
 
 
-def make_celery(settings: Settings | None = None, *, set_as_current: bool = True) -> Celery:
+class CxrCelery(Celery):
+    """A Celery app that carries the settings it was built from (tasks read them as `app.settings`)."""
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        super().__init__("cxr", include=["worker.tasks"], **kwargs)
+        self.settings = settings
+
+
+def make_celery(settings: Settings | None = None, *, set_as_current: bool = True) -> CxrCelery:
     """Build a Celery app for these settings (tests build one per throwaway broker)."""
     settings = settings or load_settings()
-    app = Celery("cxr", include=["worker.tasks"], set_as_current=set_as_current)
+    app = CxrCelery(settings, set_as_current=set_as_current)
     app.conf.update(
         broker_url=settings.broker_url,
         broker_transport_options=broker_transport_options(settings),
@@ -114,6 +128,15 @@ def make_celery(settings: Settings | None = None, *, set_as_current: bool = True
             RECONCILE_TASK: {"queue": INFERENCE_QUEUE},
             "cxr.retrain*": {"queue": TRAINING_QUEUE},
         },
+        task_annotations={
+            # Acknowledged on receipt: a training run that kills its process is not redelivered in a loop;
+            # its lock's lease runs out and the next scheduled (or requested) run starts afresh.
+            RETRAIN_TASK: {
+                "acks_late": False,
+                "time_limit": settings.retrain_time_limit_s,
+                "soft_time_limit": max(60, settings.retrain_time_limit_s - 60),
+            }
+        },
         beat_schedule=beat_schedule(settings),
         timezone="UTC",
         enable_utc=True,
@@ -122,19 +145,34 @@ def make_celery(settings: Settings | None = None, *, set_as_current: bool = True
         worker_send_task_events=False,
         worker_hijack_root_logger=False,
     )
-    app.cxr_settings = settings  # type: ignore[attr-defined]
     return app
 
 
-celery_app = make_celery()
+_default: dict[str, CxrCelery] = {}
+_default_lock = threading.Lock()
+
+
+def default_app() -> CxrCelery:
+    """This process's app from its environment, built on first use (never at import), then reused."""
+    with _default_lock:
+        if "app" not in _default:
+            _default["app"] = make_celery(set_as_current=False)
+        return _default["app"]
+
+
+def settings_of(app: Celery) -> Settings:
+    """The settings a CxrCelery app was built from."""
+    if not isinstance(app, CxrCelery):
+        raise TypeError(f"expected an app made by worker.app.make_celery, got {app!r}")
+    return app.settings
 
 
 def send_screen_chunks(
-    study_ids: Sequence[int], *, app: Celery | None = None, chunk_size: int | None = None
+    study_ids: Sequence[int], *, app: CxrCelery | None = None, chunk_size: int | None = None
 ) -> int:
     """Enqueue screening tasks for these (committed, QUEUED) studies by task name; returns the task count."""
-    app = app or celery_app
-    size = chunk_size or app.cxr_settings.chunk_size  # type: ignore[attr-defined]
+    app = app or default_app()
+    size = chunk_size or app.settings.chunk_size
     chunks = chunked(sorted(set(int(i) for i in study_ids)), size)
     if not chunks:
         return 0
@@ -147,11 +185,28 @@ def send_screen_chunks(
     return len(chunks)
 
 
-def send_retrain(trigger: str, *, app: Celery | None = None) -> str:
+def enqueue_after_commit(session: Session, study_ids: Sequence[int]) -> str | None:
+    """Commit the session (the studies are QUEUED in it), THEN send their screening tasks.
+
+    The one way web and intake reach the queue. Returns None when sent, else the reason it failed: the
+    studies are saved QUEUED and the reconciler sends them again after their lease.
+    """
+    session.commit()
+    if not study_ids:
+        return None
+    try:
+        send_screen_chunks(list(study_ids))
+    except Exception as exc:  # noqa: BLE001 - the rows are committed; the caller tells the user
+        log.exception("enqueueing %d studies failed", len(study_ids))
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def send_retrain(trigger: str, *, app: CxrCelery | None = None) -> str:
     """Ask for one retraining run on the training queue (admin button, CLI); returns the task id.
 
     Nothing is written here: the task takes the retraining lock in SQL itself, so extra requests are skipped.
     """
-    app = app or celery_app
+    app = app or default_app()
     queue = app.amqp.queues[TRAINING_QUEUE]
     return app.send_task(RETRAIN_TASK, kwargs={"trigger": trigger}, queue=queue).id

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from store.config import Settings
+from config import Settings
 from store.db import session_scope
 from store.locks import release_lock, renew_lock
 from store.models_registry import promote, register_model_version, serving_version

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from store.config import Settings
+from config import Settings
 from store.db import session_scope
 from store.models_registry import register_model_version, serving_version
 from store.studies import (
@@ -66,9 +65,8 @@ class ChunkOutcome:
     split: bool = False
 
 
-# Per-process caches. Keyed by pid as well: a forked child must load its own model, never its parent's.
-_lock = threading.Lock()
-_predictors: dict[tuple[int, str], Any] = {}
+# Per-process cache of registered version ids (predictors are cached by model.serve.load_predictor).
+# Keyed by pid as well: a forked child must not use its parent's.
 _version_ids: dict[tuple[int, str, str], int] = {}
 
 
@@ -76,21 +74,7 @@ def load_artifact(artifact_dir: Path | None) -> Any:
     """The predictor of an artifact folder (None: the committed default), loaded once per process."""
     from model.serve import load_predictor  # the interpreter is imported here, never at import time
 
-    key = (os.getpid(), str(artifact_dir or ""))
-    with _lock:
-        predictor = _predictors.get(key)
-        if predictor is None:
-            started = time.perf_counter()
-            predictor = load_predictor(artifact_dir)
-            _predictors[key] = predictor
-            log.info(
-                "model %s loaded from %s in %.1f s (pid %d)",
-                predictor.version,
-                predictor.artifact_dir,
-                time.perf_counter() - started,
-                os.getpid(),
-            )
-        return predictor
+    return load_predictor(artifact_dir)
 
 
 def get_predictor(settings: Settings) -> Any:

@@ -6,15 +6,18 @@ import logging
 import os
 from collections.abc import Sequence
 
+from celery import current_app, shared_task
 from celery.signals import worker_init, worker_process_init, worker_ready
 
+from config import Settings
 from worker.app import (
     INFERENCE_QUEUE,
     RECONCILE_TASK,
     RETRAIN_TASK,
     SCREEN_TASK,
-    celery_app,
+    CxrCelery,
     send_screen_chunks,
+    settings_of,
 )
 from worker.screening import reconcile_once, run_screen_task, serving_model
 
@@ -22,19 +25,31 @@ log = logging.getLogger("cxr.worker")
 READY_MARK = "cxr worker process ready"
 
 
+def _app() -> CxrCelery:
+    """The app this worker runs (built by `celery -A worker.main`, or a test's make_celery)."""
+    app = current_app._get_current_object()
+    if not isinstance(app, CxrCelery):
+        raise TypeError(f"the current Celery app {app!r} was not made by worker.app.make_celery")
+    return app
+
+
+def _settings() -> Settings:
+    return _app().settings
+
+
 def _enqueue(study_ids: Sequence[int], chunk_size: int) -> int:
-    return send_screen_chunks(study_ids, app=celery_app, chunk_size=chunk_size)
+    return send_screen_chunks(study_ids, app=_app(), chunk_size=chunk_size)
 
 
 @worker_init.connect
-def _check_model_artifact(**_kwargs: object) -> None:
+def _check_model_artifact(sender: object = None, **_kwargs: object) -> None:
     """In the parent, before any pool process: refuse to start without a model rather than eat tasks.
 
     Only a file check: the parent never loads the model (a model loaded before fork breaks the children).
     """
     from model.serve import DEFAULT_ARTIFACT_DIR
 
-    settings = celery_app.cxr_settings  # type: ignore[attr-defined]
+    settings = settings_of(getattr(sender, "app", None) or _app())
     artifact = settings.model_dir or DEFAULT_ARTIFACT_DIR
     if not (artifact / "meta.json").exists():
         raise RuntimeError(f"no model artifact at {artifact} (set CXR_MODEL_DIR or train one: see README)")
@@ -60,10 +75,11 @@ def _load_model_in_solo_worker(sender: object = None, **_kwargs: object) -> None
 
 
 def _warm_up() -> None:
-    if INFERENCE_QUEUE not in celery_app.amqp.queues.consume_from:
+    app = _app()
+    if INFERENCE_QUEUE not in app.amqp.queues.consume_from:
         return  # a training-only worker (-Q training) has no use for the serving model
     try:
-        model = serving_model(celery_app.cxr_settings)  # type: ignore[attr-defined]
+        model = serving_model(app.settings)
     except Exception:
         # E.g. the database is not up yet: the first task loads it again (and fails loudly if it still can't).
         log.exception("model warm-up failed; the first task will retry")
@@ -78,35 +94,25 @@ def _warm_up() -> None:
     )
 
 
-@celery_app.task(name=SCREEN_TASK, bind=True)
+@shared_task(name=SCREEN_TASK, bind=True)
 def screen_chunk_task(self, study_ids: list[int]) -> dict[str, int]:  # noqa: ANN001
     """Screen one chunk of studies; the task id is the claim token, so a redelivery re-claims its own."""
-    settings = celery_app.cxr_settings  # type: ignore[attr-defined]
+    settings = settings_of(self.app)
     outcome = run_screen_task(study_ids, token=self.request.id, settings=settings, enqueue=_enqueue)
     return {"done": len(outcome.done), "failed": len(outcome.failed), "requeued": len(outcome.requeued)}
 
 
-@celery_app.task(name=RECONCILE_TASK)
+@shared_task(name=RECONCILE_TASK)
 def reconcile_task() -> int:
     """Requeue studies left in QUEUED or RUNNING after their lease ran out."""
-    return len(reconcile_once(celery_app.cxr_settings, enqueue=_enqueue))  # type: ignore[attr-defined]
+    return len(reconcile_once(_settings(), enqueue=_enqueue))
 
 
-_settings = celery_app.cxr_settings  # type: ignore[attr-defined]
-
-
-@celery_app.task(
-    name=RETRAIN_TASK,
-    bind=True,
-    # Acknowledged on receipt: a training run that kills its process is not redelivered in a loop; its
-    # lock's lease runs out and the next scheduled (or requested) run starts afresh.
-    acks_late=False,
-    time_limit=_settings.retrain_time_limit_s,
-    soft_time_limit=max(60, _settings.retrain_time_limit_s - 60),
-)
+# acks_late=False and the time limits of retraining come from the app's task_annotations (worker.app).
+@shared_task(name=RETRAIN_TASK, bind=True)
 def retrain_task(self, trigger: str = "schedule") -> dict[str, object]:  # noqa: ANN001
     """One retraining run (worker.retrain): train, gate against the serving model, promote or reject."""
     from worker.retrain import run_retraining
 
-    outcome = run_retraining(_settings, trigger=trigger, holder=self.request.id)
+    outcome = run_retraining(settings_of(self.app), trigger=trigger, holder=self.request.id)
     return {"run_id": outcome.run_id, "status": outcome.status, "reasons": outcome.reasons}

@@ -8,7 +8,7 @@ import zlib
 from sqlalchemy import func, select
 
 from store.db import session_scope
-from store.studies import add_study, batch_progress, create_batch, mark_queued
+from store.studies import add_studies, batch_progress, create_batch, mark_queued
 from store.tables import Prediction, Study, StudyStatus, User
 from store.users import create_user
 
@@ -37,7 +37,8 @@ def make_batch(
         if user is None:
             user = create_user(session, username="tester", password="correct horse battery")
         batch = create_batch(session, owner=user, name="integration")
-        ids = [add_study(session, batch=batch, filename=n, data=d).id for n, d in [*images, *extra]]
+        files = [{"filename": n, "data": d} for n, d in [*images, *extra]]
+        ids = add_studies(session, batch=batch, files=files)
         mark_queued(session, study_ids=ids, lease_s=lease_s)
         return batch.id, ids
 

@@ -13,7 +13,7 @@ import signal
 from typing import Any
 
 import worker.screening as screening
-from worker.app import celery_app  # noqa: F401 - `celery -A` finds the app here
+from worker.main import app as celery_app  # `celery -A` finds the app here
 
 POISON_SHA256 = os.environ["TEST_POISON_SHA256"]
 # How long the parent waits for a result from a child that died (default 10 s): nothing comes from a

@@ -11,17 +11,15 @@ import cv2
 import numpy as np
 import pytest
 
-from model.preprocess import (
-    PREPROCESS_VERSION,
+from intake.formats import (
     ImageDecodeError,
     decode_image,
     dicom_patient_id,
     image_dimensions,
     make_thumbnail,
-    prepare,
-    preprocess,
     sniff_format,
 )
+from model.preprocess import PREPROCESS_VERSION, prepare, preprocess
 
 RG1 = (
     "wg04_RG1_UNCR_cr_chest_mono1_15bit_explicit_le.dcm",

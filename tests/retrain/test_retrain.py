@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from sqlalchemy import select, update
 
+from config import Settings, load_settings
 from model import CLASSES
 from model.retrain import GateMargins, compare, gate
-from store.config import Settings, load_settings
 from store.db import session_scope
 from store.models_registry import register_model_version, serving_version
 from store.retraining import RETRAIN_LOCK, list_runs, start_run
 from store.reviews import review_study
-from store.studies import add_study, create_batch
+from store.studies import add_studies, create_batch
 from store.tables import Lock, Role, RunStatus, Study, StudyStatus, User
 from tests.conftest import REPO_ROOT, make_user
 
@@ -122,12 +122,14 @@ def _reviewed_studies(db_url: str, data: Path, n: int = 6) -> None:
     files = sorted((data / "normal").glob("*.jpg"))[:n]
     with session_scope(db_url) as s:
         batch = create_batch(s, owner=s.get(User, owner), name="reviewed")
-        ids = [
-            add_study(
-                s, batch=batch, filename=f.name, data=f.read_bytes(), fmt="jpeg", patient_key=f"p{i // 2}"
-            ).id
-            for i, f in enumerate(files)
-        ]
+        ids = add_studies(
+            s,
+            batch=batch,
+            files=[
+                {"filename": f.name, "data": f.read_bytes(), "fmt": "jpeg", "patient_key": f"p{i // 2}"}
+                for i, f in enumerate(files)
+            ],
+        )
         s.execute(update(Study).where(Study.id.in_(ids)).values(status=StudyStatus.DONE))
     with session_scope(db_url) as s:
         reviewer = s.get(User, reviewer_id)
@@ -234,7 +236,7 @@ def test_killed_run_releases_lock_after_lease(
         }
     )
     code = (
-        "from store.config import load_settings; from worker.retrain import run_retraining; "
+        "from config import load_settings; from worker.retrain import run_retraining; "
         "run_retraining(load_settings(), trigger='test')"
     )
     proc = subprocess.Popen(

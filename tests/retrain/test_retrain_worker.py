@@ -11,7 +11,7 @@ from sqlalchemy import select
 from store.db import session_scope
 from store.models_registry import serving_version
 from store.retraining import list_runs
-from store.studies import add_study, create_batch, mark_queued, rescreen_batch
+from store.studies import add_studies, create_batch, mark_queued, rescreen_batch
 from store.tables import Prediction, RunStatus, Study, StudyStatus, User
 from tests.conftest import make_user
 from tests.procs import kill, service_env, settings_from_env, start_worker, wait_for
@@ -51,7 +51,9 @@ def test_promotion_through_workers_switches_what_is_served(
     files = sorted((small_data / "pneumonia").glob("*.jpg"))[:3]
     with session_scope(sqlite_url) as s:
         batch = create_batch(s, owner=s.get(User, owner), name="before and after")
-        ids = [add_study(s, batch=batch, filename=f.name, data=f.read_bytes(), fmt="jpeg").id for f in files]
+        ids = add_studies(
+            s, batch=batch, files=[{"filename": f.name, "data": f.read_bytes(), "fmt": "jpeg"} for f in files]
+        )
         batch_id = batch.id
         mark_queued(s, study_ids=ids, lease_s=600)
     procs = [start_worker(env, queues="inference"), start_worker(env, queues="training", wait_ready=False)]

@@ -80,7 +80,7 @@ def app(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sent: list
         assert states == {"QUEUED"}, states
         sent.append(list(study_ids))
 
-    monkeypatch.setattr("web.uploads.send_screen_chunks", fake_send)
+    monkeypatch.setattr("worker.app.send_screen_chunks", fake_send)
     return create_app({"DATABASE_URL": db_url, "TESTING": True, "WTF_CSRF_ENABLED": False})
 
 

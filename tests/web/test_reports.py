@@ -14,7 +14,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from store.db import session_scope
-from store.studies import claim_studies, complete_study
+from store.studies import claim_studies, complete_studies
 from store.tables import ModelVersion, Study, StudyStatus
 from tests.web.conftest import corrupt_png, png_bytes, upload
 from web.reports import NOTICE
@@ -30,18 +30,22 @@ def _finish_first(url: str) -> int:
         s.flush()
         sid = s.scalars(select(Study.id).where(Study.status == StudyStatus.QUEUED).order_by(Study.id)).first()
         claim_studies(s, study_ids=[sid], token="t1", lease_s=60, max_attempts=3)
-        assert complete_study(
+        assert complete_studies(
             s,
-            study_id=sid,
             token="t1",
             model_version_id=mv.id,
-            label="pneumonia",
-            p_covid=0.1,
-            p_normal=0.2,
-            p_pneumonia=0.7,
-            triage="urgent review",
-            elapsed_ms=12.5,
-        )
+            results=[
+                {
+                    "study_id": sid,
+                    "label": "pneumonia",
+                    "p_covid": 0.1,
+                    "p_normal": 0.2,
+                    "p_pneumonia": 0.7,
+                    "triage": "urgent review",
+                    "elapsed_ms": 12.5,
+                }
+            ],
+        ) == [sid]
         return sid
 
 
@@ -121,8 +125,8 @@ def test_thumbnail_made_on_first_request_and_stored(
     app: Flask, login: Callable[[str], FlaskClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No preview at upload; the first request makes it from the stored image and keeps it; bad ones 404."""
+    from intake import batches as uploads
     from tests.web.test_uploads import garbage_idat_png
-    from web import uploads
 
     client = login("alice")
     upload(client, [("a.png", png_bytes(320, 200)), ("g.png", garbage_idat_png()), ("c.png", corrupt_png())])

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from store.db import session_scope
 from store.models_registry import promote, register_model_version
-from store.studies import claim_studies, complete_study, hash_patient_key
+from store.studies import claim_studies, complete_studies, hash_patient_key
 from store.tables import AuditEvent, Batch, Review, Role, Study, StudyStatus, User
 from store.users import issue_api_token
 from tests.conftest import make_user
@@ -52,18 +52,22 @@ def finish(url: str, study_ids: list[int], model_id: int, label: str = "pneumoni
         claimed = claim_studies(s, study_ids=study_ids, token=token, lease_s=60, max_attempts=3)
         assert [c.id for c in claimed] == sorted(study_ids)
         for study in claimed:
-            assert complete_study(
+            assert complete_studies(
                 s,
-                study_id=study.id,
                 token=token,
                 model_version_id=model_id,
-                label=label,
-                p_covid=0.1,
-                p_normal=0.2,
-                p_pneumonia=0.7,
-                triage="urgent review",
-                elapsed_ms=3.0,
-            )
+                results=[
+                    {
+                        "study_id": study.id,
+                        "label": label,
+                        "p_covid": 0.1,
+                        "p_normal": 0.2,
+                        "p_pneumonia": 0.7,
+                        "triage": "urgent review",
+                        "elapsed_ms": 3.0,
+                    }
+                ],
+            ) == [study.id]
 
 
 def new_batch(

@@ -16,14 +16,16 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
-from store.config import load_settings
+from config import load_settings
+from intake import batches as intake_batches
+from intake import files as intake_files
+from intake.batches import ingest_files, submit_batch
+from intake.files import clean_filename, validate_file
 from store.db import session_scope
 from store.studies import create_batch, mark_queued
 from store.tables import Batch, Image, Study, StudyStatus, User
 from tests.conftest import SHARED_DATA, make_user
 from tests.web.conftest import corrupt_png, huge_png_header, jpeg_bytes, png_bytes, png_chunk, upload
-from web import uploads
-from web.uploads import clean_filename, ingest_files, submit_batch, validate_file
 
 DICOM_DIR = SHARED_DATA / "dicom"
 
@@ -42,8 +44,8 @@ def test_valid_png_and_jpeg(settings, monkeypatch: pytest.MonkeyPatch) -> None: 
     def no_decode(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("PNG/JPEG pixels must not be decoded at upload")
 
-    monkeypatch.setattr(uploads, "decode_image", no_decode)
-    monkeypatch.setattr(uploads, "make_thumbnail", no_decode)
+    monkeypatch.setattr(intake_files, "decode_image", no_decode)
+    monkeypatch.setattr(intake_batches, "make_thumbnail", no_decode)
     monkeypatch.setattr(cv2, "imdecode", no_decode)
     for name, data, fmt in files:
         v = validate_file(name, data, settings)
@@ -144,7 +146,7 @@ def test_huge_png_is_refused_before_decoding(settings, monkeypatch: pytest.Monke
     def no_decode(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("decode_image must not be called for an image over the pixel cap")
 
-    monkeypatch.setattr(uploads, "decode_image", no_decode)
+    monkeypatch.setattr(intake_files, "decode_image", no_decode)
     data = huge_png_header(30000, 30000)
     assert len(data) < 200
     t0 = time.perf_counter()
@@ -296,7 +298,7 @@ def test_submit_commits_before_sending(db_url: str, settings, monkeypatch: pytes
             assert set(other.scalars(select(Study.status).where(Study.id.in_(ids)))) == {StudyStatus.QUEUED}
         calls.append(ids)
 
-    monkeypatch.setattr(uploads, "send_screen_chunks", fake_send)
+    monkeypatch.setattr("worker.app.send_screen_chunks", fake_send)
     with session_scope(db_url) as s:
         owner = s.scalar(select(User).where(User.username == "zoe"))
         res = submit_batch(
@@ -316,7 +318,7 @@ def test_broker_down_keeps_the_batch(db_url: str, settings, monkeypatch: pytest.
     def broken(_ids: list[int]) -> None:
         raise ConnectionError("broker unreachable")
 
-    monkeypatch.setattr(uploads, "send_screen_chunks", broken)
+    monkeypatch.setattr("worker.app.send_screen_chunks", broken)
     with session_scope(db_url) as s:
         owner = s.scalar(select(User).where(User.username == "yan"))
         res = submit_batch(

@@ -8,7 +8,7 @@ import pytest
 
 from store.db import session_scope
 from store.models_registry import register_model_version
-from store.studies import add_study, create_batch, mark_queued
+from store.studies import add_studies, create_batch, mark_queued
 from store.users import create_user
 
 
@@ -27,9 +27,9 @@ def seed(url: str, images: list[bytes | None], *, queued: bool = True) -> Seeded
     with session_scope(url) as session:
         user = create_user(session, username="seed", password="correct horse battery")
         batch = create_batch(session, owner=user, name="seeded")
-        ids = [
-            add_study(session, batch=batch, filename=f"img{i}.png", data=d).id for i, d in enumerate(images)
-        ]
+        ids = add_studies(
+            session, batch=batch, files=[{"filename": f"img{i}.png", "data": d} for i, d in enumerate(images)]
+        )
         if queued:
             mark_queued(session, study_ids=ids, lease_s=3600)
         mv = register_model_version(

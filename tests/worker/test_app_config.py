@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from store.config import load_settings
+from config import load_settings
 from tests.procs import REPO_ROOT
 from worker.app import (
     INFERENCE_QUEUE,

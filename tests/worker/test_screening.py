@@ -8,7 +8,7 @@ import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
 
-from store.config import Settings, load_settings
+from config import Settings, load_settings
 from store.db import session_scope
 from store.tables import Study, StudyStatus, utcnow
 from tests.integration.helpers import CORRUPT_PNG, assert_done_exactly_once, outcome

@@ -10,7 +10,6 @@ from store.db import session_scope
 from store.studies import (
     claim_studies,
     complete_studies,
-    complete_study,
     fail_study,
     mark_queued,
     out_of_attempts_reason,
@@ -48,18 +47,22 @@ def _expire(url: str, ids: list[int]) -> None:
 
 def _complete(url: str, sid: int, token: str, mv: int) -> bool:
     with session_scope(url) as s:
-        return complete_study(
+        return complete_studies(
             s,
-            study_id=sid,
             token=token,
             model_version_id=mv,
-            label="normal",
-            p_covid=0.1,
-            p_normal=0.8,
-            p_pneumonia=0.1,
-            triage="routine",
-            elapsed_ms=12.0,
-        )
+            results=[
+                {
+                    "study_id": sid,
+                    "label": "normal",
+                    "p_covid": 0.1,
+                    "p_normal": 0.8,
+                    "p_pneumonia": 0.1,
+                    "triage": "routine",
+                    "elapsed_ms": 12.0,
+                }
+            ],
+        ) == [sid]
 
 
 def _predictions(url: str, sid: int) -> int:

@@ -1,11 +1,11 @@
-"""store.studies.add_studies: a whole upload in a few statements, same result as add_study per file."""
+"""store.studies.add_studies: a whole upload in a few statements; images stored once, order kept."""
 
 from __future__ import annotations
 
 from sqlalchemy import func, select
 
 from store.db import session_scope
-from store.studies import add_studies, add_study, create_batch
+from store.studies import add_studies, create_batch
 from store.tables import Image, Study, StudyStatus
 from store.users import create_user
 
@@ -15,7 +15,8 @@ def test_add_studies_dedupes_images_keeps_order_and_rejections(db_url: str) -> N
     with session_scope(db_url) as s:
         user = create_user(s, username="bulk", password="correct horse battery")
         batch = create_batch(s, owner=user, name="bulk")
-        earlier = add_study(s, batch=batch, filename="earlier.png", data=b"AAA")
+        [earlier_id] = add_studies(s, batch=batch, files=[{"filename": "earlier.png", "data": b"AAA"}])
+        earlier = s.get(Study, earlier_id)
         ids = add_studies(
             s,
             batch=batch,

@@ -1,14 +1,12 @@
-"""Upload validation, ingestion and submission as plain functions (no Flask): views, API and CLI share them.
+"""Files and zips in, validated files out: what each file is, by content, and whether it may become a study.
 
-Every file becomes a study: a valid image is stored RECEIVED, anything else FAILED with a reason a person can
-read. Formats are decided by magic bytes, never by the file name; the pixel count is checked from the headers
-before any pixel is decoded. Zip archives are expanded in memory only; member names are metadata, never paths.
-
-Validation at upload is structural and cheap for PNG and JPEG (web.imagecheck: chunk lengths and CRCs, JPEG
-markers; no pixel is decoded): truncated, corrupt, empty, mislabelled and oversized files fail here. A file
-that passes these checks but whose pixel data still cannot be decoded is failed by the worker, which decodes
-every image before inference, with the decoder's readable reason. DICOM (rare, and its codecs fail in more
-ways) is still fully decoded at upload. Thumbnails are made on first request (web.batches), not here.
+Formats are decided by magic bytes, never by the file name; the pixel count is checked from the headers before
+any pixel is decoded (intake.formats). Zip archives are expanded in memory only; member names are metadata,
+never paths. PNG and JPEG get a structural check only (chunk lengths and CRCs, JPEG markers; no pixel is
+decoded): truncated, corrupt, empty, mislabelled and oversized files fail here. A file that passes these
+checks but whose pixel data still cannot be decoded is failed by the worker, which decodes every image
+before inference, with the decoder's readable reason. DICOM (rare, and its codecs fail in more ways) is
+decoded in full here.
 """
 
 from __future__ import annotations
@@ -18,33 +16,25 @@ import logging
 import re
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
-import cv2
-import numpy as np
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
-
-from model.preprocess import (
+from config import Settings
+from intake.formats import (
+    MIN_IMAGE_SIDE,
     ImageDecodeError,
+    check_structure,
     decode_image,
     dicom_patient_id,
     image_dimensions,
-    make_thumbnail,
     sniff_format,
     thumbnail_png,
 )
-from store.audit import record_event
-from store.config import Settings
-from store.studies import add_studies, create_batch, hash_patient_key, mark_queued
-from store.tables import Batch, Image, Study, StudyStatus, User
-from web.imagecheck import check_structure
+from store.studies import hash_patient_key
 
 log = logging.getLogger(__name__)
 
 THUMBNAIL_SIDE = 160
-MIN_IMAGE_SIDE = 8  # model.preprocess.decode_image refuses anything smaller
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # macOS archive litter: not images, and failing each of them would only bury the real results.
@@ -53,7 +43,7 @@ _ZIP_JUNK = re.compile(r"(^|/)(__MACOSX/|\.DS_Store$|\._)")
 
 @dataclass
 class ValidatedFile:
-    """The outcome of checking one file: what add_studies needs, or the readable error."""
+    """The outcome of checking one file: what a study needs, or the readable error."""
 
     name: str
     data: bytes | None
@@ -70,23 +60,20 @@ class ValidatedFile:
         """True when the file is a readable image."""
         return self.error is None
 
-
-@dataclass
-class StartResult:
-    """What start_batch queued, and why enqueueing failed if it did."""
-
-    queued: list[int] = field(default_factory=list)
-    enqueue_error: str | None = None
-
-
-@dataclass
-class SubmitResult:
-    """A new batch with its studies."""
-
-    batch: Batch
-    study_ids: list[int]
-    failed: int
-    start: StartResult
+    def as_study(self) -> dict:
+        """The keyword arguments of store.studies.add_studies for this file."""
+        return {
+            "filename": self.name,
+            "data": self.data,
+            "fmt": self.fmt,
+            "width": self.width,
+            "height": self.height,
+            "thumbnail_png": self.thumbnail_png,
+            "patient_key": self.patient_key,
+            "error": self.error,
+            # Rejected bytes are not kept, but their size is still worth showing.
+            "size_bytes": self.size_bytes,
+        }
 
 
 def clean_filename(name: str | None, *, keep_dirs: bool = False) -> str:
@@ -110,54 +97,12 @@ def _failed(
     return ValidatedFile(name=name, data=None, size_bytes=size, fmt=fmt, width=w, height=h, error=error)
 
 
-def _placeholder_png() -> bytes:
-    # A plain grey square with a darker cross: "no preview", without a broken-image icon in the report.
-    img = np.full((THUMBNAIL_SIDE, THUMBNAIL_SIDE), 200, dtype=np.uint8)
-    cv2.line(img, (40, 40), (THUMBNAIL_SIDE - 41, THUMBNAIL_SIDE - 41), 120, 6)
-    cv2.line(img, (40, THUMBNAIL_SIDE - 41), (THUMBNAIL_SIDE - 41, 40), 120, 6)
-    ok, buf = cv2.imencode(".png", img)
-    if not ok:
-        raise RuntimeError("the placeholder preview could not be encoded")
-    return buf.tobytes()
-
-
-PLACEHOLDER_PNG = _placeholder_png()
-
-
-def study_thumbnail(session: Session, *, study: Study) -> bytes | None:
-    """The study's preview PNG, made from its stored image on first use and committed; None with no image.
-
-    An image that cannot be decoded gets PLACEHOLDER_PNG (stored too, so it is not decoded on every view).
-    """
-    if study.thumbnail_png:
-        return study.thumbnail_png
-    if study.image_sha256 is None:
-        return None
-    data = session.scalar(select(Image.data).where(Image.sha256 == study.image_sha256))
-    if not data:
-        return None
-    try:
-        png = make_thumbnail(data, max_side=THUMBNAIL_SIDE)
-    except ImageDecodeError:
-        png = PLACEHOLDER_PNG
-    except Exception as exc:  # noqa: BLE001 - a decoder crash must not become a 500; not stored, may be transient
-        log.warning("preview of study %s failed: %r", study.id, exc)
-        return PLACEHOLDER_PNG
-    study.thumbnail_png = png
-    try:
-        session.commit()
-    except Exception:  # noqa: BLE001 - e.g. a locked SQLite: serve the preview now, store it next time
-        log.warning("preview of study %s not stored", study.id, exc_info=True)
-        session.rollback()
-    return png
-
-
 def validate_file(
     name: str, data: bytes, settings: Settings, *, patient_id: str | None = None
 ) -> ValidatedFile:
     """Check one file by content: magic bytes, header size vs the pixel cap, structure; no PNG/JPEG decode.
 
-    PNG and JPEG get a structural check only (web.imagecheck); one whose pixel data is undecodable despite a
+    PNG and JPEG get a structural check only (intake.formats); one whose pixel data is undecodable despite a
     valid structure is FAILED later by the worker with the decoder's reason. DICOM is decoded in full here.
     """
     size = len(data)
@@ -291,9 +236,10 @@ def expand_zip(
         yield member, blob
 
 
-def _iter_checked(
+def iter_checked(
     files: Iterable[tuple[str, bytes]], settings: Settings, *, patient_id: str | None
 ) -> Iterator[ValidatedFile]:
+    """Validate each file (zips expanded) up to the per-upload cap; files over it become one FAILED row."""
     remaining = settings.max_files_per_upload
     refused = 0
     for raw_name, data in files:
@@ -317,94 +263,3 @@ def _iter_checked(
             0,
             f"{refused} files were not accepted: at most {settings.max_files_per_upload} files per upload.",
         )
-
-
-def ingest_files(
-    session: Session,
-    *,
-    batch: Batch,
-    files: Iterable[tuple[str, bytes]],
-    settings: Settings,
-    patient_id: str | None = None,
-) -> list[int]:
-    """Store every file (zips expanded) as a study: RECEIVED if valid, FAILED with a reason if not.
-
-    The whole upload goes to SQL in a few statements (store.studies.add_studies); returns the ids in order.
-    """
-    return add_studies(
-        session,
-        batch=batch,
-        files=[
-            {
-                "filename": checked.name,
-                "data": checked.data,
-                "fmt": checked.fmt,
-                "width": checked.width,
-                "height": checked.height,
-                "thumbnail_png": checked.thumbnail_png,
-                "patient_key": checked.patient_key,
-                "error": checked.error,
-                # Rejected bytes are not kept, but their size is still worth showing.
-                "size_bytes": checked.size_bytes,
-            }
-            for checked in _iter_checked(files, settings, patient_id=patient_id)
-        ],
-    )
-
-
-def send_screen_chunks(study_ids: Sequence[int]) -> None:
-    """Enqueue screening tasks by name through worker.app (Celery only; imported lazily, never TensorFlow)."""
-    from worker.app import send_screen_chunks as send
-
-    send(list(study_ids))
-
-
-def start_batch(session: Session, *, batch: Batch, settings: Settings) -> StartResult:
-    """RECEIVED -> QUEUED for the batch, commit, THEN enqueue: a worker must be able to see the rows."""
-    received = list(
-        session.scalars(
-            select(Study.id).where(Study.batch_id == batch.id, Study.status == StudyStatus.RECEIVED)
-        )
-    )
-    queued = mark_queued(session, study_ids=received, lease_s=settings.queued_lease_s)
-    session.commit()
-    result = StartResult(queued=queued)
-    if queued:
-        try:
-            send_screen_chunks(queued)
-        except Exception as exc:  # noqa: BLE001 - the batch is saved; the reconciler re-queues after the lease
-            log.exception("enqueueing batch %s failed", batch.id)
-            result.enqueue_error = f"{type(exc).__name__}: {exc}"
-    return result
-
-
-def submit_batch(
-    session: Session,
-    *,
-    owner: User,
-    name: str,
-    notes: str,
-    files: Iterable[tuple[str, bytes]],
-    settings: Settings,
-    patient_id: str | None = None,
-) -> SubmitResult:
-    """Create a batch, ingest its files, commit, then queue and enqueue its valid studies."""
-    batch = create_batch(session, owner=owner, name=name, notes=notes)
-    ids = ingest_files(session, batch=batch, files=files, settings=settings, patient_id=patient_id)
-    n_failed = int(
-        session.scalar(
-            select(func.count(Study.id)).where(Study.batch_id == batch.id, Study.status == StudyStatus.FAILED)
-        )
-        or 0
-    )
-    record_event(
-        session,
-        user_id=owner.id,
-        action="batch.upload",
-        target=f"batch:{batch.id}",
-        details={"studies": len(ids), "failed": n_failed},
-    )
-    # Commit the batch and its studies before anything is queued: nothing is lost if the broker is down.
-    session.commit()
-    start = start_batch(session, batch=batch, settings=settings)
-    return SubmitResult(batch=batch, study_ids=ids, failed=n_failed, start=start)

@@ -1,0 +1,164 @@
+"""Typed settings, read once from CXR_-prefixed environment variables; beneath every package, importing none.
+
+`load_settings()` reads the environment (each app or process calls it once, at start, and passes the result
+down). Only development and tests get defaults for the secret, the database and the broker; production refuses
+to start without them.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PREFIX = "CXR_"
+PROJECT_ROOT = Path(__file__).resolve().parent
+SHARED_CXR_DATA = PROJECT_ROOT.parent / "shared" / "data" / "cxr"
+LOCKED_SPLIT = PROJECT_ROOT / "model" / "splits" / "cxr_split_v1.csv"
+# Settings production must be given explicitly (no development default may reach production).
+REQUIRED_IN_PRODUCTION = ("database_url", "broker_url", "secret_key")
+
+
+class ConfigError(RuntimeError):
+    """A setting is missing or invalid."""
+
+
+class Settings(BaseSettings):
+    """Every runtime setting of web, worker, intake and CLI (CXR_<NAME> for each field)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX, env_ignore_empty=True, frozen=True, extra="ignore", case_sensitive=False
+    )
+
+    env: Literal["development", "production", "test"] = "development"
+    data_dir: Path = PROJECT_ROOT / "var"
+    database_url: str = ""  # default: SQLite under data_dir (development and tests only)
+    broker_url: str = ""  # default: filesystem:// (folders under data_dir/broker)
+    secret_key: str = ""  # default: a random key kept in data_dir/dev-secret-key
+    model_dir: Path | None = None
+    # 64: as fast end to end as 32 with all processes sharing the cores, and faster with inference on a core
+    # of its own (per-chunk SQL and queue costs halve per study); bench/README.md, session 2.
+    chunk_size: int = 64
+    max_attempts: int = 3
+    running_lease_s: int = 300
+    queued_lease_s: int = 1800
+    task_hard_time_limit_s: int = 0  # default: max(60, running_lease_s - 30)
+    task_soft_time_limit_s: int = 0  # default: max(30, task_hard_time_limit_s - 30)
+    reconcile_every_s: int = 60
+    max_upload_bytes: int = 512 * 1024 * 1024
+    max_files_per_upload: int = 1000
+    max_image_pixels: int = 50_000_000
+    retrain_cron: str = "0 2 * * *"
+    retrain_epochs: int = 30
+    retrain_seeds: Annotated[tuple[int, ...], NoDecode] = (1,)
+    retrain_base_data: Path = SHARED_CXR_DATA
+    retrain_split: Path | None = None  # default: the locked split, or one made once from other base data
+    retrain_lease_s: int = 1800
+    retrain_time_limit_s: int = 6 * 3600
+    gate_sensitivity_margin: float = 0.02
+    gate_f1_margin: float = 0.02
+    gate_ece_max: float = 0.10
+    port: int = Field(default=8000, description="port of `cxr run`'s web app")
+
+    @field_validator("retrain_seeds", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                seeds = tuple(int(x) for x in value.split(",") if x.strip())
+            except ValueError as exc:
+                raise ValueError(
+                    f"{PREFIX}RETRAIN_SEEDS must be comma-separated integers, got {value!r}"
+                ) from exc
+            return seeds or (1,)
+        return value
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        value = value.strip()
+        if value != "off" and len(value.split()) != 5:
+            raise ValueError(
+                f"{PREFIX}RETRAIN_CRON must be a 5-field cron expression or 'off', got {value!r}"
+            )
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _production_needs_secrets(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("env") == "production":
+            missing = [PREFIX + n.upper() for n in REQUIRED_IN_PRODUCTION if not data.get(n)]
+            if missing:
+                raise ValueError("production needs " + ", ".join(missing))
+        return data
+
+    @model_validator(mode="after")
+    def _derived_defaults(self) -> Settings:
+        # Frozen model: the defaults that depend on other settings are filled in once, here.
+        data_dir = self.data_dir.resolve()
+        base = self.retrain_base_data.resolve()
+        hard = self.task_hard_time_limit_s or max(60, self.running_lease_s - 30)
+        derived = {
+            "data_dir": data_dir,
+            "database_url": self.database_url or f"sqlite:///{data_dir / 'cxr.sqlite3'}",
+            "broker_url": self.broker_url or "filesystem://",
+            # Development and tests only: a per-data-dir random key, never a constant in the code.
+            "secret_key": self.secret_key or _dev_secret(data_dir),
+            "model_dir": self.model_dir.resolve() if self.model_dir else None,
+            "task_hard_time_limit_s": hard,
+            "task_soft_time_limit_s": self.task_soft_time_limit_s or max(30, hard - 30),
+            "retrain_base_data": base,
+            "retrain_split": (self.retrain_split or _default_split(base, data_dir)).resolve(),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
+        return self
+
+    @property
+    def is_development(self) -> bool:
+        """True when running the embedded development default."""
+        return self.env == "development"
+
+    @property
+    def uses_filesystem_broker(self) -> bool:
+        """True for the embedded broker that needs no server."""
+        return self.broker_url.startswith("filesystem://")
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """A copy with these fields changed (tests point an app at a throwaway database this way)."""
+        return self.model_copy(update=changes) if changes else self
+
+
+def _default_split(base: Path, data_dir: Path) -> Path:
+    """The locked split for the shared data; for other base data, one made once from that data, then kept."""
+    if base == SHARED_CXR_DATA.resolve():
+        return LOCKED_SPLIT
+    return data_dir / "retrain" / f"split-{base.name}.csv"
+
+
+def _dev_secret(data_dir: Path) -> str:
+    path = data_dir / "dev-secret-key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_urlsafe(48)
+        path.write_text(key)
+        path.chmod(0o600)
+        return key
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment; raise ConfigError with a readable message when invalid."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            (f"{PREFIX}{'.'.join(str(p) for p in err['loc']).upper()}: " if err["loc"] else "")
+            + str(err["msg"]).removeprefix("Value error, ")
+            for err in exc.errors()
+        )
+        raise ConfigError(problems) from exc
