@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from model import CLASSES, DEFAULT_SPLIT, REPO_ROOT
+from model.calibrate import BAND_LEGEND
 from model.data import (
     Record,
     dataset_fingerprint,
@@ -230,6 +231,8 @@ def contract_meta(*, name: str, arch: str, size: int, temperature: float, thresh
         "output": "calibrated probabilities: softmax(mean member logits / temperature)",
         "temperature": round(temperature, 6),
         "thresholds": thresholds,
+        # what each band means, for every report that shows one (web reads it from the model registry)
+        "band_legend": dict(BAND_LEGEND),
         "triage_rules": [
             "p_covid >= thresholds.covid -> finding covid, 'COVID-19 suspected'",
             "else p_normal >= thresholds.normal -> finding normal, 'likely normal'",
