@@ -63,6 +63,11 @@ def split_command(data: Path, out: Path, seed: int, force: bool) -> None:
 @click.option(
     "--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=REPO_ROOT / "runs" / "develop"
 )
+@click.option(
+    "--reuse-cv",
+    default=None,
+    help="Adopt the fold networks of `python -m model.cv --name NAME` if it trained this very recipe.",
+)
 def train_command(
     data: Path,
     arch: str | None,
@@ -73,6 +78,7 @@ def train_command(
     out: Path,
     split_path: Path,
     runs_dir: Path,
+    reuse_cv: str | None,
 ) -> None:
     """Cross-validate a recipe on train+val, calibrate on out-of-fold predictions, write the artifact."""
     from dataclasses import asdict, replace
@@ -94,6 +100,7 @@ def train_command(
         split_path=split_path,
         runs_dir=runs_dir,
         command=cmd,
+        reuse_cv=REPO_ROOT / "runs" / "cv" / reuse_cv if reuse_cv else None,
         log=lambda m: click.echo(m, err=True),
     )
     click.echo(

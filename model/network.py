@@ -28,6 +28,9 @@ ARCHS: dict[str, dict] = {
     "plain5_224": {"kind": "plain", "size": 224, "widths": (16, 32, 64, 128, 256), "reps": (1, 1, 1, 1, 1)},
     "plain5w_224": {"kind": "plain", "size": 224, "widths": (24, 48, 96, 160, 256), "reps": (1, 1, 1, 2, 1)},
     "plain5_256": {"kind": "plain", "size": 256, "widths": (16, 32, 64, 128, 256), "reps": (1, 1, 1, 1, 1)},
+    # the slim design (plain convolutions where the FLOPs are, separable where the parameters are), wider,
+    # deeper and at 224 px
+    "slim_w224": {"size": 224, "widths": (24, 48, 96, 128, 192), "sep_from": 3, "reps": (1, 1, 2, 2, 2)},
     # "res": strided stem, then basic residual blocks (two 3x3 convs) with a stride-2 first block per stage
     "res_256": {"kind": "res", "size": 256, "widths": (32, 64, 128, 256), "reps": (1, 1, 1, 1), "stem": 16},
 }

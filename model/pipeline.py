@@ -122,13 +122,16 @@ def develop(
     shuffle_labels: bool = False,
     on_epoch: Callable[[int, int], None] | None = None,
     command: str | None = None,
+    reuse_cv: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Cross-validate `recipe` on train+val (+ reviewed images), calibrate on OOF, write the artifact.
 
     Fold networks are cached in runs_dir/<key>/fold<k> where key hashes the recipe, the pool and the
-    preprocessing, so the exported model reuses the sweep's networks. `shuffle_labels` exists for the gate's
-    own test: a deliberately useless candidate. Returns the artifact's meta.json.
+    preprocessing. `reuse_cv` names a `python -m model.cv` run (runs/cv/<name>) of the same recipe whose fold
+    networks are adopted instead of retrained (checked: same training config, folds and seed).
+    `shuffle_labels` exists for the gate's own test: a deliberately useless candidate.
+    Returns the artifact's meta.json.
     """
     from model.artifact import build_ensemble, write_artifact
     from model.calibrate import fit_temperature, fit_thresholds, softmax
@@ -164,6 +167,8 @@ def develop(
     runs = Path(runs_dir or REPO_ROOT / "runs" / "develop") / f"{recipe.arch}-{key}"
     runs.mkdir(parents=True, exist_ok=True)
     cfg = recipe.train_config()
+    if reuse_cv is not None and not shuffle_labels and not extra:
+        _adopt_sweep_folds(Path(reuse_cv), runs, cfg, recipe.folds, log)
     logits, done, models = cross_validate(cfg, x, y, folds, runs, on_epoch=on_epoch, log=log)
     temperature = fit_temperature(logits, y)
     probs = softmax(logits / temperature)
@@ -205,6 +210,24 @@ def develop(
     write_artifact(out, ensemble, meta, model_card(meta))
     save_oof(out / "oof.csv", records, logits, y, done)
     return json.loads((out / "meta.json").read_text())
+
+
+def _adopt_sweep_folds(sweep: Path, runs: Path, cfg, k: int, log: Callable[[str], None]) -> None:
+    """Copy a sweep's fold networks into `runs` when the sweep trained exactly this configuration."""
+    import shutil
+
+    from model.cv import CV_SEED
+
+    conf = json.loads((sweep / "config.json").read_text())
+    want = {**asdict(cfg), "k": k, "cv_seed": CV_SEED}
+    diff = {key: (conf.get(key), v) for key, v in want.items() if conf.get(key) != v}
+    if diff:
+        raise ValueError(f"{sweep} was trained with another configuration: {diff}")
+    for f in range(k):
+        src, dst = sweep / f"fold{f}", runs / f"fold{f}"
+        if (src / "model.keras").exists() and not (dst / "model.keras").exists():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+            log(f"adopted {src} (same configuration)")
 
 
 def oof_headline(oof: dict) -> dict:
