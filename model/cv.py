@@ -306,6 +306,31 @@ def run_cv(
     return summary
 
 
+def consistent_errors(names: list[str], runs_dir: Path = REPO_ROOT / "runs" / "cv") -> dict:
+    """Studies that every candidate's out-of-fold prediction gets wrong, per source and true class.
+
+    A label that several independently trained networks all contradict, each without having seen it, is the
+    first place to look for label noise (NIH labels were mined from reports).
+    """
+    oofs = [read_oof(Path(runs_dir) / n / "oof.csv") for n in names]
+    files = oofs[0]["files"]
+    for o in oofs[1:]:
+        if not np.array_equal(o["files"], files):
+            raise ValueError("the candidates were cross-validated on different pools")
+    y, sources = oofs[0]["y"], oofs[0]["sources"]
+    wrong = np.all([o["logits"].argmax(1) != y for o in oofs], axis=0)
+    out: dict = {"candidates": names, "n": int(len(y)), "wrong_in_all": int(wrong.sum()), "by_source": {}}
+    for src in sorted(set(sources)):
+        m = sources == src
+        out["by_source"][src] = {
+            CLASSES[c]: {"n": int((m & (y == c)).sum()), "wrong_in_all": int((m & (y == c) & wrong).sum())}
+            for c in range(len(CLASSES))
+            if (m & (y == c)).any()
+        }
+    out["files"] = [str(f) for f in files[wrong]]
+    return out
+
+
 TWO_CLASS_COLLECTIONS = ("ieee8023", "actmed", "fig1", "nih", "kermany")
 
 
@@ -386,6 +411,7 @@ def main() -> None:
     ap.add_argument("--label-smoothing", type=float, default=0.0)
     ap.add_argument("--folds", default=None, help="comma-separated fold indices (default: all)")
     ap.add_argument("--loco", action="store_true", help="leave-one-collection-out instead of k-fold")
+    ap.add_argument("--noise", default=None, help="comma-separated candidates: studies all of them get wrong")
     ap.add_argument("--data", type=Path, default=shared_data_dir("cxr"))
     args = ap.parse_args()
     cfg = {
@@ -395,6 +421,10 @@ def main() -> None:
         "lr": args.lr,
         "label_smoothing": args.label_smoothing,
     }
+    if args.noise:
+        rep = consistent_errors(args.noise.split(","))
+        print(json.dumps({k: v for k, v in rep.items() if k != "files"}, indent=1))
+        return
     if args.loco:
         run_loco(args.name, cfg, data=args.data, log=lambda m: print(m, flush=True))
         return
