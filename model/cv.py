@@ -280,6 +280,7 @@ def run_cv(
     k: int = N_FOLDS,
     split_path: Path = DEFAULT_SPLIT,
     runs_dir: Path = REPO_ROOT / "runs" / "cv",
+    lung_crop: bool = False,
     log=print,
 ) -> dict:
     """A sweep candidate: cross-validate one recipe over train+val, write oof.csv and summary.json."""
@@ -291,17 +292,23 @@ def run_cv(
     folds = cv_folds(records, k)
     y = labels_of(records)
     cfg = TrainConfig(**{"early_stopping": False, **cfg_kwargs})
-    x = load_arrays(data, records, input_size(cfg.arch))
+    x = load_arrays(data, records, input_size(cfg.arch), lung_crop=lung_crop)
     out = Path(runs_dir) / name
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(
-        json.dumps({"name": name, "k": k, "cv_seed": CV_SEED, **asdict(cfg)}, indent=1)
+        json.dumps(
+            {"name": name, "k": k, "cv_seed": CV_SEED, "lung_crop": lung_crop, **asdict(cfg)}, indent=1
+        )
     )
     logits, done, _ = cross_validate(cfg, x, y, folds, out, folds_to_run=folds_to_run, log=log)
     save_oof(out / "oof.csv", records, logits, y, done)
     sources = np.array([r.source for r in records])
     groups = np.array([r.patient_id for r in records])
-    summary = {"name": name, "config": asdict(cfg), **summarise_oof(logits, y, done, sources, groups=groups)}
+    summary = {
+        "name": name,
+        "config": {**asdict(cfg), "lung_crop": lung_crop},
+        **summarise_oof(logits, y, done, sources, groups=groups),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -342,6 +349,7 @@ def run_loco(
     collections: tuple[str, ...] = TWO_CLASS_COLLECTIONS,
     split_path: Path = DEFAULT_SPLIT,
     runs_dir: Path = REPO_ROOT / "runs" / "loco",
+    lung_crop: bool = False,
     log=print,
 ) -> dict:
     """Leave one collection out: train on the rest of train+val, score the left-out collection.
@@ -360,7 +368,7 @@ def run_loco(
     records = cv_records(split_path)
     y = labels_of(records)
     cfg = TrainConfig(**{"early_stopping": False, **cfg_kwargs})
-    x = load_arrays(data, records, input_size(cfg.arch))
+    x = load_arrays(data, records, input_size(cfg.arch), lung_crop=lung_crop)
     sources = np.array([r.source for r in records])
     out = Path(runs_dir) / name
     results = {}
@@ -410,6 +418,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--label-smoothing", type=float, default=0.0)
     ap.add_argument("--folds", default=None, help="comma-separated fold indices (default: all)")
+    ap.add_argument("--lung-crop", action="store_true", help="crop to the checked lung fields first")
     ap.add_argument("--loco", action="store_true", help="leave-one-collection-out instead of k-fold")
     ap.add_argument("--noise", default=None, help="comma-separated candidates: studies all of them get wrong")
     ap.add_argument("--data", type=Path, default=shared_data_dir("cxr"))
@@ -426,10 +435,17 @@ def main() -> None:
         print(json.dumps({k: v for k, v in rep.items() if k != "files"}, indent=1))
         return
     if args.loco:
-        run_loco(args.name, cfg, data=args.data, log=lambda m: print(m, flush=True))
+        run_loco(args.name, cfg, data=args.data, lung_crop=args.lung_crop, log=lambda m: print(m, flush=True))
         return
     folds = [int(f) for f in args.folds.split(",")] if args.folds else None
-    s = run_cv(args.name, cfg, data=args.data, folds_to_run=folds, log=lambda m: print(m, flush=True))
+    s = run_cv(
+        args.name,
+        cfg,
+        data=args.data,
+        folds_to_run=folds,
+        lung_crop=args.lung_crop,
+        log=lambda m: print(m, flush=True),
+    )
     print(json.dumps({k: s[k] for k in ("name", "mean", "sd", "pooled")}, indent=1), flush=True)
 
 

@@ -161,15 +161,23 @@ def cache_dir() -> Path:
 
 
 def load_arrays(
-    root: Path, records: list[Record], size: int, *, cache: bool = True, contrast: bool = False
+    root: Path, records: list[Record], size: int, *, cache: bool = True, lung_crop: bool = False
 ) -> np.ndarray:
-    """Preprocessed float32 (N, size, size, 1) arrays for the records, cached as .npy under runs/cache."""
+    """Preprocessed float32 (N, size, size, 1) arrays for the records, cached as .npy under runs/cache.
+
+    `lung_crop`: crop each image to its checked lung fields first (model/lungs.py; whole image when the check
+    fails), for the cross-validated comparison with and without the crop.
+    """
     root = Path(root)
+    seg_key = ""
+    if lung_crop:
+        from model.lungs import SEG_DIR, Segmenter, crop
+
+        seg = Segmenter()
+        seg_key = "|lungcrop:" + sha256_file(SEG_DIR / "segmenter.tflite")[:12]
     key = hashlib.sha256(
         (
-            "\n".join(r.file for r in records)
-            + f"|{size}|{PREPROCESS_VERSION}|{root.resolve()}"
-            + ("|contrast" if contrast else "")
+            "\n".join(r.file for r in records) + f"|{size}|{PREPROCESS_VERSION}|{root.resolve()}" + seg_key
         ).encode()
     ).hexdigest()[:16]
     path = cache_dir() / f"x_{size}_{key}.npy"
@@ -177,7 +185,10 @@ def load_arrays(
         return np.load(path)
     x = np.zeros((len(records), size, size, 1), dtype=np.float32)
     for i, r in enumerate(records):
-        x[i] = preprocess(decode_image((root / r.file).read_bytes()), size, contrast=contrast)
+        gray = decode_image((root / r.file).read_bytes())
+        if lung_crop:
+            gray = crop(gray, seg.check(gray))
+        x[i] = preprocess(gray, size)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")

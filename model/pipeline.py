@@ -219,8 +219,8 @@ def _adopt_sweep_folds(sweep: Path, runs: Path, cfg, k: int, log: Callable[[str]
     from model.cv import CV_SEED
 
     conf = json.loads((sweep / "config.json").read_text())
-    want = {**asdict(cfg), "k": k, "cv_seed": CV_SEED}
-    diff = {key: (conf.get(key), v) for key, v in want.items() if conf.get(key) != v}
+    want = {**asdict(cfg), "k": k, "cv_seed": CV_SEED, "lung_crop": False}
+    diff = {key: (conf.get(key, False), v) for key, v in want.items() if conf.get(key, False) != v}
     if diff:
         raise ValueError(f"{sweep} was trained with another configuration: {diff}")
     for f in range(k):
