@@ -24,6 +24,7 @@ from model import PACKAGE_DIR, REPO_ROOT, shared_data_dir
 
 SEG_SIZE = 128
 SEG_DIR = PACKAGE_DIR / "artifacts" / "lungseg"
+SHEET_SOURCES = ("mlwg", "nih", "kermany")
 CROP_MARGIN = 0.06  # of the image side, around the union box of the two lung fields
 
 
@@ -247,25 +248,23 @@ def crop(gray: np.ndarray, chk: LungCheck) -> np.ndarray:
 
 
 def qc_report(
-    seg: Segmenter, data: Path, records: list, *, sheet: Path | None = None, per_source: int = 4
+    seg: Segmenter, data: Path, records: list, *, sheet: Path | None = None, per_source: int = 8
 ) -> dict:
-    """Check rate per source over `records`; optionally a contact sheet of overlays (per_source each)."""
+    """Check rate per source over `records`; optionally a contact sheet of overlays: per_source images of each
+    redistributable source, failed checks first, so the sheet shows what the fallback catches."""
     from collections import defaultdict
 
     from model.preprocess import decode_image
 
     by_source: dict[str, list] = defaultdict(list)
-    tiles: list[np.ndarray] = []
-    shown: dict[str, int] = defaultdict(int)
+    seen: list[tuple] = []
     for r in records:
         gray = decode_image((Path(data) / r.file).read_bytes())
         x, scale, top, left = letterbox(gray)
         prob = seg.predict(x[None])[0]
         chk = check_mask(prob > 0.5, gray.shape, scale, top, left)
         by_source[r.source].append(chk)
-        if sheet is not None and shown[r.source] < per_source:
-            shown[r.source] += 1
-            tiles.append(_tile(x, prob > 0.5, chk, f"{r.source} {r.label}", scale, top, left))
+        seen.append((r, chk))
     out = {
         s: {
             "n": len(v),
@@ -275,8 +274,19 @@ def qc_report(
         }
         for s, v in sorted(by_source.items())
     }
-    if sheet is not None and tiles:
-        cols = per_source * 2
+    if sheet is not None:
+        tiles = []
+        # only the redistributable collections appear in a committed picture (../shared/data/README.md)
+        for src in SHEET_SOURCES:
+            mine = [(r, c) for r, c in seen if r.source == src]
+            failed = [rc for rc in mine if not rc[1].ok][: per_source // 4]
+            picked = failed + [rc for rc in mine if rc[1].ok][: per_source - len(failed)]
+            for r, chk in picked:
+                gray = decode_image((Path(data) / r.file).read_bytes())
+                x, scale, top, left = letterbox(gray)
+                mask = seg.predict(x[None])[0] > 0.5
+                tiles.append(_tile(x, mask, chk, f"{r.source} {r.label}", scale, top, left))
+        cols = per_source
         rows = [
             np.hstack(tiles[i : i + cols] + [np.zeros_like(tiles[0])] * (cols - len(tiles[i : i + cols])))
             for i in range(0, len(tiles), cols)
@@ -298,8 +308,8 @@ def _tile(
     base = cv2.cvtColor(np.clip(x * 255, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
     tint = base.copy()
     tint[mask] = (0.5 * tint[mask] + 0.5 * np.array([0, 200, 0])).astype(np.uint8)
-    tile = cv2.resize(tint, (192, 192), interpolation=cv2.INTER_NEAREST)
-    k = 192 / SEG_SIZE
+    tile = cv2.resize(tint, (160, 160), interpolation=cv2.INTER_NEAREST)
+    k = 160 / SEG_SIZE
     if chk.box is not None:
         t, lft, h, w = chk.box
         p0 = (int((lft * scale + left) * k), int((t * scale + top) * k))
@@ -310,7 +320,7 @@ def _tile(
     cv2.putText(
         tile,
         ("ok" if chk.ok else chk.reason)[:30],
-        (3, 186),
+        (3, 154),
         cv2.FONT_HERSHEY_SIMPLEX,
         0.36,
         color,
