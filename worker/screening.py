@@ -98,6 +98,7 @@ def model_version_id(database_url: str, predictor: Any) -> int:
                     artifact_sha256=predictor.artifact_sha256,
                     metrics=dict(predictor.metrics or {}),
                     card=predictor.card or "",
+                    band_legend=(getattr(predictor, "meta", None) or {}).get("band_legend"),
                     serve_if_none=True,
                 )
                 mv_id = mv.id
