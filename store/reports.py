@@ -232,6 +232,22 @@ def report_page(session: Session, *, batch: Batch, query: ReportQuery | None = N
     return ReportPage(rows=rows, total=total, page=query.page, per_page=query.per_page)
 
 
+def study_report_row(session: Session, *, study: Study) -> dict[str, Any]:
+    """One study's report row (latest prediction, model version, latest review)."""
+    stmt = _report_select(study.batch_id, ReportQuery()).where(Study.id == study.id)
+    return _row(*session.execute(stmt).one())
+
+
+def stored_thumbnails(session: Session, *, study_ids: list[int]) -> dict[int, bytes]:
+    """The previews already made for these studies (made on first view; missing ones are left out)."""
+    if not study_ids:
+        return {}
+    rows = session.execute(
+        select(Study.id, Study.thumbnail_png).where(Study.id.in_(study_ids), Study.thumbnail_png.is_not(None))
+    ).all()
+    return {int(sid): bytes(png) for sid, png in rows}
+
+
 def ordered_study_ids(session: Session, *, batch: Batch, query: ReportQuery | None = None) -> list[int]:
     """The ids of a batch's studies in the report's order and filters (for previous/next on a study page)."""
     query = replace((query or ReportQuery()).normalised(), per_page=None)
@@ -305,12 +321,15 @@ def batch_summary(session: Session, *, batch: Batch) -> dict[str, Any]:
     }
 
 
-def batch_payload(session: Session, *, batch: Batch) -> dict[str, Any]:
-    """The JSON export of a batch: notice, batch metadata, progress, one entry per study."""
+def batch_payload(session: Session, *, batch: Batch, query: ReportQuery | None = None) -> dict[str, Any]:
+    """The JSON export of a batch: notice, batch metadata, progress, summary, one entry per study.
+
+    With a query (the API), one page of the filtered, ordered studies and the page numbers.
+    """
     progress = batch_progress(session, batch_ids=[batch.id])[batch.id]
+    page = report_page(session, batch=batch, query=query)
     studies = [
-        {k: v for k, v in row.items() if k not in ("has_thumbnail", "model_version_id")}
-        for row in study_dicts(session, batch=batch)
+        {k: v for k, v in row.items() if k not in ("has_thumbnail", "model_version_id")} for row in page.rows
     ]
     # Re-screening adds predictions and never overwrites: the export carries all of them, oldest first.
     history = all_predictions(session, study_ids=[row["study_id"] for row in studies])
@@ -326,5 +345,10 @@ def batch_payload(session: Session, *, batch: Batch) -> dict[str, Any]:
             "created_at": iso_utc(batch.created_at),
         },
         "progress": progress.as_dict(),
+        "summary": batch_summary(session, batch=batch),
+        "total": page.total,
+        "page": page.page,
+        "per_page": page.per_page,
+        "pages": page.pages,
         "studies": studies,
     }
