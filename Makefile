@@ -20,7 +20,7 @@ run: $(STAMP)
 
 # Debian's Chromium for the one browser test (Playwright cannot download its own browser here).
 chromium:
-	@command -v /usr/bin/chromium >/dev/null 2>&1 || bash scripts/install_chromium.sh
+	@{ command -v /usr/bin/chromium && command -v pdftoppm; } >/dev/null 2>&1 || bash scripts/install_chromium.sh
 
 test: $(STAMP) chromium
 	$(VENV)/bin/ruff check .

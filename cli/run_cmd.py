@@ -132,7 +132,7 @@ def run_command(host: str, port: int, pool: str, concurrency: int) -> None:
     env = dict(os.environ, CXR_DATA_DIR=str(settings.data_dir), PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
     commands = {
-        "worker": worker_args(queues="inference", pool=pool, concurrency=concurrency),
+        "worker": worker_args(queues="inference,explain", pool=pool, concurrency=concurrency),
         # Retraining has a worker of its own, so a training run never holds up screening.
         "trainer": worker_args(queues="training"),
         "beat": beat_args(settings),

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Installs Debian's chromium for the browser test. Needs root (CI runs as root); elsewhere the test skips.
+# Installs Debian's chromium (browser test) and poppler-utils (pdftoppm/pdftotext: the PDF test renders pages).
+# Needs root (CI runs as root); elsewhere those tests skip.
 set -eu
-if [ -x /usr/bin/chromium ]; then exit 0; fi
+want=""
+[ -x /usr/bin/chromium ] || want="$want chromium"
+command -v pdftoppm >/dev/null 2>&1 || want="$want poppler-utils"
+if [ -z "$want" ]; then exit 0; fi
 if [ "$(id -u)" != "0" ]; then
-  echo "chromium not installed and not root: the browser test will skip (apt-get install chromium to run it)" >&2
+  echo "not installed and not root:$want; the tests that need them will skip (apt-get install$want)" >&2
   exit 0
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq >/dev/null
-apt-get install -y -qq chromium >/dev/null
+# shellcheck disable=SC2086
+apt-get install -y -qq $want >/dev/null

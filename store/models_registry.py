@@ -21,9 +21,14 @@ def register_model_version(
     artifact_sha256: str,
     metrics: dict[str, Any] | None = None,
     card: str = "",
+    band_legend: dict[str, str] | None = None,
     serve_if_none: bool = True,
 ) -> ModelVersion:
-    """Insert the version if new (idempotent); make it serve when nothing serves yet."""
+    """Insert the version if new (idempotent); make it serve when nothing serves yet.
+
+    band_legend is the artifact's meta["band_legend"] (band -> meaning), kept so every report can explain
+    the bands of the version that made each prediction; a version registered without one gets it later.
+    """
     mv = session.scalar(select(ModelVersion).where(ModelVersion.version == version))
     if mv is None:
         mv = ModelVersion(
@@ -32,9 +37,12 @@ def register_model_version(
             artifact_sha256=artifact_sha256,
             metrics=metrics or {},
             card=card,
+            band_legend=dict(band_legend) if band_legend else None,
         )
         session.add(mv)
         session.flush()
+    elif band_legend and not mv.band_legend:
+        mv.band_legend = dict(band_legend)
     if serve_if_none and serving_version(session) is None:
         promote(session, model_version=mv, user_id=None)
     return mv
@@ -80,3 +88,13 @@ def promotion_history(session: Session, *, limit: int = 100) -> list[dict[str, A
         }
         for ev, username in rows
     ]
+
+
+def band_legends(session: Session, *, version_ids: list[int]) -> dict[int, dict[str, str] | None]:
+    """The stored band legend of each of these model versions (None where the artifact had none)."""
+    if not version_ids:
+        return {}
+    rows = session.execute(
+        select(ModelVersion.id, ModelVersion.band_legend).where(ModelVersion.id.in_(version_ids))
+    ).all()
+    return {int(vid): legend for vid, legend in rows}

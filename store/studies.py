@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, insert, or_, select, update
+from sqlalchemy import and_, case, delete, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from store.audit import record_event
 from store.db import insert_ignore
-from store.tables import Batch, Image, Prediction, Role, Study, StudyStatus, User, utcnow
+from store.tables import Batch, Heatmap, Image, Prediction, Role, Study, StudyStatus, User, utcnow
 
 ACTIVE = (StudyStatus.RECEIVED, StudyStatus.QUEUED, StudyStatus.RUNNING)
 
@@ -391,7 +391,7 @@ def sees_all_batches(user: User) -> bool:
 
 def batches_visible_to(session: Session, *, user: User) -> list[Batch]:
     """A user's own batches, or every batch for an admin or reviewer; newest first."""
-    stmt = select(Batch).order_by(Batch.id.desc())
+    stmt = select(Batch).where(Batch.deleted_at.is_(None)).order_by(Batch.id.desc())
     if not sees_all_batches(user):
         stmt = stmt.where(Batch.owner_id == user.id)
     return list(session.scalars(stmt))
@@ -400,7 +400,9 @@ def batches_visible_to(session: Session, *, user: User) -> list[Batch]:
 def get_batch_for(session: Session, *, user: User, batch_id: int, manage: bool = False) -> Batch | None:
     """The batch if this user may see it (manage=True: change it, owner or admin only), else None -> 404."""
     batch = session.get(Batch, batch_id)
-    if batch is None or batch.owner_id == user.id:
+    if batch is None or batch.deleted_at is not None:
+        return None
+    if batch.owner_id == user.id:
         return batch
     allowed = user.is_admin if manage else sees_all_batches(user)
     return batch if allowed else None
@@ -412,18 +414,6 @@ def get_study_for(session: Session, *, user: User, study_id: int) -> Study | Non
     if study is None or get_batch_for(session, user=user, batch_id=study.batch_id) is None:
         return None
     return study
-
-
-def study_rows(session: Session, *, batch_id: int) -> list[tuple[Study, Prediction | None]]:
-    """Each study of a batch with its latest prediction (or None)."""
-    studies = list(session.scalars(select(Study).where(Study.batch_id == batch_id).order_by(Study.id)))
-    latest: dict[int, Prediction] = {}
-    preds = session.scalars(
-        select(Prediction).where(Prediction.study_id.in_([s.id for s in studies])).order_by(Prediction.id)
-    )
-    for p in preds:
-        latest[p.study_id] = p
-    return [(s, latest.get(s.id)) for s in studies]
 
 
 def rescreen_batch(session: Session, *, batch_id: int, lease_s: int, user_id: int | None) -> list[int]:
@@ -461,3 +451,58 @@ def rescreen_batch(session: Session, *, batch_id: int, lease_s: int, user_id: in
         details={"studies": len(ids)},
     )
     return ids
+
+
+BATCH_DELETED_REASON = "The batch was deleted before this study was screened."
+
+
+def delete_batch(session: Session, *, batch: Batch, user_id: int | None) -> int:
+    """Soft-delete a batch: hidden everywhere, rows kept for the audit trail; image bytes no study still
+    refers to are removed (with previews and heat maps). Returns how many stored images were removed.
+
+    Studies still waiting or running are FAILED so no worker screens a deleted batch.
+    """
+    now = utcnow()
+    batch.deleted_at = now
+    batch.deleted_by = user_id
+    shas = set(
+        session.scalars(
+            select(Study.image_sha256).where(Study.batch_id == batch.id, Study.image_sha256.is_not(None))
+        )
+    )
+    session.execute(
+        update(Study)
+        .where(Study.batch_id == batch.id, Study.status.in_(ACTIVE))
+        .values(status=StudyStatus.FAILED, error=BATCH_DELETED_REASON, claim_token=None, finished_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        update(Study)
+        .where(Study.batch_id == batch.id)
+        .values(image_sha256=None, thumbnail_png=None, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        delete(Heatmap)
+        .where(Heatmap.study_id.in_(select(Study.id).where(Study.batch_id == batch.id)))
+        .execution_options(synchronize_session=False)
+    )
+    removed = 0
+    if shas:
+        # Identical uploads share one image row: keep the bytes another (live) study still points at.
+        removed = session.execute(
+            delete(Image)
+            .where(
+                Image.sha256.in_(sorted(shas)),
+                ~exists().where(Study.image_sha256 == Image.sha256),
+            )
+            .execution_options(synchronize_session=False)
+        ).rowcount
+    record_event(
+        session,
+        user_id=user_id,
+        action="batch.delete",
+        target=f"batch:{batch.id}",
+        details={"name": batch.name, "images_removed": int(removed or 0)},
+    )
+    return int(removed or 0)

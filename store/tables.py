@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column, relationship
 
@@ -79,9 +80,11 @@ class User(Base):
     role: Mapped[Role] = mapped_column(_enum(Role, "role"), default=Role.USER)
     api_token_hash: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Set by an admin's password reset (and for the first admin): the next sign-in must choose a new one.
+    must_change_password: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
-    batches: Mapped[list[Batch]] = relationship(back_populates="owner")
+    batches: Mapped[list[Batch]] = relationship(back_populates="owner", foreign_keys="Batch.owner_id")
 
     @property
     def is_admin(self) -> bool:
@@ -99,8 +102,11 @@ class Batch(Base):
     name: Mapped[str] = mapped_column(String(200))
     notes: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Soft delete: the rows stay for the audit trail; the batch disappears from every page and the API.
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    deleted_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), nullable=True)
 
-    owner: Mapped[User] = relationship(back_populates="batches")
+    owner: Mapped[User] = relationship(back_populates="batches", foreign_keys=[owner_id])
     studies: Mapped[list[Study]] = relationship(back_populates="batch", order_by="Study.id")
 
 
@@ -162,6 +168,8 @@ class ModelVersion(Base):
     is_serving: Mapped[bool] = mapped_column(Boolean, default=False)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     card: Mapped[str] = mapped_column(Text, default="")
+    # The artifact's meta["band_legend"] (band -> one-sentence meaning); None for artifacts without one.
+    band_legend: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
@@ -185,6 +193,24 @@ class Prediction(Base):
 
     study: Mapped[Study] = relationship(back_populates="predictions")
     model_version: Mapped[ModelVersion] = relationship()
+
+
+class Heatmap(Base):
+    """Grad-CAM heat map of one prediction (study, model version), computed by the worker after screening."""
+
+    __tablename__ = "heatmaps"
+    __table_args__ = (UniqueConstraint("study_id", "model_version_id", name="uq_heatmaps_study_model"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    # The class explained (the prediction's finding).
+    class_name: Mapped[str] = mapped_column(String(16))
+    # RGBA PNG cropped to the image's content area; NULL with an error when it could not be computed.
+    png: Mapped[bytes | None] = deferred(mapped_column(LargeBinary, nullable=True))
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    elapsed_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Review(Base):

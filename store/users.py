@@ -16,6 +16,7 @@ from store.tables import Role, User
 # Werkzeug's scrypt (its default), self-describing: "scrypt:32768:8:1$<salt>$<hex>".
 PASSWORD_METHOD = "scrypt"
 _LEGACY_PREFIX = "scrypt$"  # hashes written by hand before werkzeug: "scrypt$n$r$p$salt$digest"
+MIN_PASSWORD = 10
 
 
 class UserError(ValueError):
@@ -65,8 +66,8 @@ def create_user(
     username = username.strip()
     if not username or len(username) > 64:
         raise UserError("username must be 1-64 characters")
-    if len(password) < 10:
-        raise UserError("password must be at least 10 characters")
+    if len(password) < MIN_PASSWORD:
+        raise UserError(f"password must be at least {MIN_PASSWORD} characters")
     if session.scalar(select(User).where(User.username == username)) is not None:
         raise UserError(f"user {username!r} already exists")
     user = User(username=username, password_hash=hash_password(password), role=Role(role))
@@ -122,15 +123,55 @@ def ensure_admin(session: Session, *, username: str = "admin") -> tuple[User, st
         return None
     password = secrets.token_urlsafe(12)
     user = create_user(session, username=username, password=password, role=Role.ADMIN)
+    # The printed one-time password is changed at the first sign-in.
+    user.must_change_password = True
     return user, password
 
 
 def set_password(session: Session, *, user: User, password: str, changed_by: int | None = None) -> None:
-    """Replace a user's password."""
-    if len(password) < 10:
-        raise UserError("password must be at least 10 characters")
+    """Replace a user's password (clears a pending forced change); old sessions stop working."""
+    if len(password) < MIN_PASSWORD:
+        raise UserError(f"password must be at least {MIN_PASSWORD} characters")
     user.password_hash = hash_password(password)
+    user.must_change_password = False
     record_event(session, user_id=changed_by, action="user.password", target=f"user:{user.id}")
+
+
+def change_own_password(session: Session, *, user: User, current: str, new: str) -> None:
+    """A user replaces their own password; the current one must be right and the new one different."""
+    if not verify_password(user.password_hash, current):
+        raise UserError("the current password is wrong")
+    if new == current:
+        raise UserError("the new password must differ from the current one")
+    set_password(session, user=user, password=new, changed_by=user.id)
+
+
+def reset_password(session: Session, *, user: User, admin: User) -> str:
+    """An admin resets a password: a random temporary one (returned once) that must be changed at sign-in.
+
+    The user's sessions end at once (the session id carries a fingerprint of the hash).
+    """
+    temporary = secrets.token_urlsafe(12)
+    user.password_hash = hash_password(temporary)
+    user.must_change_password = True
+    record_event(session, user_id=admin.id, action="user.password_reset", target=f"user:{user.id}")
+    return temporary
+
+
+def set_active(session: Session, *, user: User, active: bool, admin: User) -> None:
+    """Disable or re-enable an account; a disabled user's sessions and API token stop working at once."""
+    if user.id == admin.id and not active:
+        raise UserError("you cannot disable your own account")
+    if user.is_active == active:
+        return
+    user.is_active = active
+    record_event(
+        session,
+        user_id=admin.id,
+        action="user.enable" if active else "user.disable",
+        target=f"user:{user.id}",
+        details={"username": user.username},
+    )
 
 
 def get_user(session: Session, *, user_id: int) -> User | None:

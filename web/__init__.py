@@ -67,7 +67,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     login_manager.login_message = "Please sign in."
     login_manager.session_protection = "strong"
 
-    from web import admin, api, auth, batches, common, registry, reports, review
+    from web import admin, api, auth, batches, common, registry, reports, review, studies
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(batches.bp)
@@ -75,13 +75,22 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(admin.bp)
     app.register_blueprint(review.bp)
     app.register_blueprint(registry.bp)
+    app.register_blueprint(studies.bp)
     # flask-smorest registers its own HTTPException handler here; the app's handlers below replace it.
     Api(app).register_blueprint(api.bp)
     csrf.exempt(api.bp)  # bearer tokens, never cookies: CSRF does not apply
 
     @app.context_processor
     def _globals() -> dict[str, Any]:
-        return {"notice": reports.NOTICE, "review_roles": common.REVIEW_ROLES}
+        return {
+            "notice": reports.NOTICE,
+            "review_roles": common.REVIEW_ROLES,
+            "band_slug": common.band_slug,
+        }
+
+    # Every time is stored in UTC; pages print it in UTC with its zone, and app.js rewrites it in the
+    # reader's own time zone (with the zone's name), so one page never mixes zones.
+    app.add_template_filter(common.time_tag, "when")
 
     @app.after_request
     def _security_headers(resp: Response) -> Response:

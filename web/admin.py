@@ -1,15 +1,24 @@
-"""Admin page: create accounts, list them, issue API tokens."""
+"""Admin pages: create accounts, reset passwords, disable and re-enable, issue API tokens; the audit log."""
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, flash, redirect, render_template, url_for
+from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_wtf import FlaskForm
 from werkzeug.wrappers import Response
 from wtforms import PasswordField, SelectField, StringField
 from wtforms.validators import DataRequired, Length
 
+from store.audit import list_events
 from store.tables import Role
-from store.users import UserError, create_user, get_user, issue_api_token, list_users
+from store.users import (
+    UserError,
+    create_user,
+    get_user,
+    issue_api_token,
+    list_users,
+    reset_password,
+    set_active,
+)
 from web.auth import current_row
 from web.common import ActionForm, admin_required
 from web.db import get_db
@@ -27,10 +36,21 @@ class NewUserForm(FlaskForm):
     role = SelectField("Role", choices=[(r.value, r.value) for r in Role], default=Role.USER.value)
 
 
-def _page(form: NewUserForm, token: tuple[str, str] | None = None, status: int = 200) -> tuple[str, int]:
+def _page(
+    form: NewUserForm,
+    token: tuple[str, str] | None = None,
+    status: int = 200,
+    temporary: tuple[str, str] | None = None,
+) -> tuple[str, int]:
     return (
         render_template(
-            "admin/users.html", users=list_users(get_db()), form=form, token_form=ActionForm(), token=token
+            "admin/users.html",
+            users=list_users(get_db()),
+            form=form,
+            token_form=ActionForm(),
+            token=token,
+            temporary=temporary,
+            me=current_row().id,
         ),
         status,
     )
@@ -74,3 +94,63 @@ def token(user_id: int) -> tuple[str, int]:
     plain = issue_api_token(db, user=user)
     db.commit()
     return _page(NewUserForm(formdata=None), token=(user.username, plain))
+
+
+def _target_user(user_id: int):  # noqa: ANN202 - a store User
+    if not ActionForm().validate_on_submit():
+        abort(400)
+    user = get_user(get_db(), user_id=user_id)
+    if user is None:
+        abort(404)
+    return user
+
+
+@bp.route("/users/<int:user_id>/reset", methods=["POST"])
+@admin_required
+def reset(user_id: int) -> tuple[str, int]:
+    """Give a user a temporary password (shown once) that must be changed at the next sign-in."""
+    user = _target_user(user_id)
+    db = get_db()
+    temporary = reset_password(db, user=user, admin=current_row())
+    db.commit()
+    return _page(NewUserForm(formdata=None), temporary=(user.username, temporary))
+
+
+@bp.route("/users/<int:user_id>/active", methods=["POST"])
+@admin_required
+def active(user_id: int) -> Response:
+    """Disable or re-enable an account (form field active=0|1); a disabled user is signed out at once."""
+    user = _target_user(user_id)
+    db = get_db()
+    want = request.form.get("active") == "1"
+    try:
+        set_active(db, user=user, active=want, admin=current_row())
+    except UserError as exc:
+        db.rollback()
+        flash(str(exc), "error")
+        return redirect(url_for("admin.users"))
+    db.commit()
+    flash(f"Account “{user.username}” {'enabled' if want else 'disabled'}.", "info")
+    return redirect(url_for("admin.users"))
+
+
+@bp.route("/audit")
+@admin_required
+def audit() -> str:
+    """Who did what when, newest first; filter by user and by batch (?user=<id>&batch=<id>)."""
+    db = get_db()
+    user_id = request.args.get("user", type=int)
+    batch_id = request.args.get("batch", type=int)
+    page = max(1, request.args.get("page", 1, type=int))
+    per_page = 100
+    events, total = list_events(db, user_id=user_id, batch_id=batch_id, page=page, per_page=per_page)
+    return render_template(
+        "admin/audit.html",
+        events=events,
+        total=total,
+        page=page,
+        pages=max(1, -(-total // per_page)),
+        users=list_users(db),
+        user_id=user_id,
+        batch_id=batch_id,
+    )

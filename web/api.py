@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import abort, g, jsonify, request
+from flask import abort, g, jsonify, request, url_for
 from flask_smorest import Blueprint
 from marshmallow import EXCLUDE, Schema, fields, validate
 from webargs.flaskparser import FlaskParser
@@ -16,12 +16,12 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from intake.batches import ingest_files, start_batch, submit_batch
-from store.reports import NOTICE, batch_payload
+from store.reports import BANDS, NOTICE, SORTS, STATUSES, ReportQuery, batch_payload
 from store.reviews import LABELS, ReviewError, review_study
 from store.studies import batch_progress, batches_visible_to, get_batch_for, get_study_for
 from store.tables import Batch, User
 from store.users import user_for_token
-from web.common import NOTE_MAX, REVIEW_ROLES, uploaded_files
+from web.common import MAX_PER_PAGE, NOTE_MAX, REVIEW_ROLES, uploaded_files
 from web.db import get_db, get_settings
 
 
@@ -44,6 +44,7 @@ bp = _Blueprint(
 )
 # Every refused request is a 400, as before the schemas described the API.
 INVALID = 400
+PER_PAGE_API = 100
 
 
 class _Lenient(Schema):
@@ -60,6 +61,20 @@ class BatchCreateArgs(_Lenient):
     notes = fields.String(load_default="", validate=validate.Length(max=10_000))
     start = fields.Boolean(load_default=False, metadata={"description": "with files: start screening now"})
     patient_id = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=64))
+
+
+class ResultsArgs(_Lenient):
+    """GET /batches/<id>/results: filters, order and page (as on the report page)."""
+
+    page = fields.Integer(load_default=1, validate=validate.Range(min=1))
+    per_page = fields.Integer(load_default=PER_PAGE_API, validate=validate.Range(min=1, max=MAX_PER_PAGE))
+    sort = fields.String(load_default="id", validate=validate.OneOf(SORTS))
+    dir = fields.String(load_default="asc", validate=validate.OneOf(("asc", "desc")))
+    band = fields.String(load_default=None, validate=validate.OneOf(BANDS))
+    label = fields.String(load_default=None, validate=validate.OneOf(LABELS))
+    status = fields.String(load_default=None, validate=validate.OneOf(STATUSES))
+    reviewed = fields.Boolean(load_default=None, allow_none=True)
+    q = fields.String(load_default="", validate=validate.Length(max=200))
 
 
 class PatientArgs(_Lenient):
@@ -150,6 +165,9 @@ def create(params: dict[str, Any]) -> tuple[Response, int]:
     name, notes = params["name"], params["notes"]
     db = get_db()
     files = _files()
+    if not files and params["start"]:
+        # Started empty, a batch would be "finished" at once with nothing in it: refuse it with the reason.
+        abort(400, description='no files to start: send the images as multipart form field "files"')
     start = bool(files) and params["start"]
     # One path with or without start (the same audit event); started: committed, then enqueued.
     result = submit_batch(
@@ -195,6 +213,8 @@ def upload(form: dict[str, Any], batch_id: int) -> tuple[Response, int]:
 def start(batch_id: int) -> Response:
     """Queue every RECEIVED study of the batch (committed before it is enqueued)."""
     batch = _batch_or_404(batch_id, manage=True)
+    if not batch_progress(get_db(), batch_ids=[batch.id])[batch.id].total:
+        abort(400, description="the batch has no files yet: POST them to /batches/<id>/files first")
     result = start_batch(get_db(), batch=batch, settings=get_settings())
     body = _summary(batch)
     body.update(queued=result.queued, enqueue_error=result.enqueue_error)
@@ -208,9 +228,36 @@ def progress(batch_id: int) -> Response:
 
 
 @bp.get("/batches/<int:batch_id>/results")
-def results(batch_id: int) -> Response:
-    """Every study with its prediction or error (same shape as the JSON export)."""
-    return jsonify(batch_payload(get_db(), batch=_batch_or_404(batch_id)))
+@bp.arguments(ResultsArgs, location="query", error_status_code=INVALID)
+def results(params: dict[str, Any], batch_id: int) -> Response:
+    """One page of the studies with their predictions or errors (the JSON export's shape, paginated).
+
+    `next`/`prev` hold the URLs of the neighbouring pages (null at the ends), also sent as a `Link` header.
+    """
+    query = ReportQuery(
+        band=params["band"],
+        label=params["label"],
+        status=params["status"],
+        reviewed=params["reviewed"],
+        search=params["q"],
+        sort=params["sort"],
+        desc=params["dir"] == "desc",
+        page=params["page"],
+        per_page=params["per_page"],
+    )
+    body = batch_payload(get_db(), batch=_batch_or_404(batch_id), query=query)
+    links = []
+    for rel, number in (("prev", body["page"] - 1), ("next", body["page"] + 1)):
+        url = None
+        if 1 <= number <= body["pages"]:
+            args = {k: v for k, v in request.args.items() if k != "page"}
+            url = url_for("api.results", batch_id=batch_id, page=number, _external=True, **args)
+            links.append(f'<{url}>; rel="{rel}"')
+        body[rel] = url
+    resp = jsonify(body)
+    if links:
+        resp.headers["Link"] = ", ".join(links)
+    return resp
 
 
 @bp.post("/studies/<int:study_id>/review")

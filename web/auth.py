@@ -9,11 +9,18 @@ from flask_login import UserMixin, current_user, login_required, login_user, log
 from flask_wtf import FlaskForm
 from werkzeug.wrappers import Response
 from wtforms import PasswordField, StringField
-from wtforms.validators import DataRequired, Length
+from wtforms.validators import DataRequired, EqualTo, Length
 
 from store.audit import record_event
 from store.tables import User
-from store.users import authenticate, get_user, issue_api_token
+from store.users import (
+    MIN_PASSWORD,
+    UserError,
+    authenticate,
+    change_own_password,
+    get_user,
+    issue_api_token,
+)
 from web.common import ActionForm
 from web.db import get_db
 from web.extensions import login_manager
@@ -68,7 +75,8 @@ class LoginForm(FlaskForm):
     password = PasswordField("Password", validators=[DataRequired(), Length(max=1024)])
 
 
-def _safe_next(target: str | None) -> str | None:
+def safe_next(target: str | None) -> str | None:
+    """target if it is a same-site relative path, else None."""
     # Only same-site relative paths: an open redirect would let a link send users elsewhere after sign-in.
     if not target:
         return None
@@ -76,6 +84,57 @@ def _safe_next(target: str | None) -> str | None:
     if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
         return None
     return target
+
+
+class PasswordForm(FlaskForm):
+    """Change one's own password."""
+
+    current = PasswordField("Current password", validators=[DataRequired(), Length(max=1024)])
+    new = PasswordField(
+        f"New password ({MIN_PASSWORD} characters or more)",
+        validators=[DataRequired(), Length(min=MIN_PASSWORD, max=1024)],
+    )
+    confirm = PasswordField(
+        "New password again", validators=[DataRequired(), EqualTo("new", message="the two entries differ")]
+    )
+
+
+# Where a user who must change their password may still go (everything else redirects to the form).
+_OPEN_WHILE_FORCED = {"auth.password", "auth.logout", "static"}
+
+
+@bp.before_app_request
+def _force_password_change() -> Response | None:
+    """A temporary password (first admin, admin reset) must be replaced before anything else."""
+    if not current_user.is_authenticated or not current_user.row.must_change_password:
+        return None
+    if request.endpoint in _OPEN_WHILE_FORCED or request.blueprint == "api":
+        return None
+    return redirect(url_for("auth.password"))
+
+
+@bp.route("/account/password", methods=["GET", "POST"])
+@login_required
+def password() -> str | Response | tuple[str, int]:
+    """Change one's own password; the other sessions of this account end (the session id changes)."""
+    form = PasswordForm()
+    forced = current_row().must_change_password
+    if form.validate_on_submit():
+        db = get_db()
+        try:
+            change_own_password(
+                db, user=current_row(), current=form.current.data or "", new=form.new.data or ""
+            )
+        except UserError as exc:
+            db.rollback()
+            form.current.errors = [str(exc)]
+            return render_template("password.html", form=form, forced=forced), 400
+        db.commit()
+        login_user(LoginUser(current_row()))  # the new fingerprint keeps this session signed in
+        flash("Password changed.", "info")
+        return redirect(url_for("auth.account"))
+    status = 400 if form.is_submitted() else 200
+    return render_template("password.html", form=form, forced=forced), status
 
 
 @bp.route("/login", methods=["GET", "POST"])
@@ -95,7 +154,7 @@ def login() -> str | Response:
         login_user(LoginUser(user))
         record_event(db, user_id=user.id, action="auth.login", target=f"user:{user.id}")
         db.commit()
-        return redirect(_safe_next(request.args.get("next")) or url_for("batches.dashboard"))
+        return redirect(safe_next(request.args.get("next")) or url_for("batches.dashboard"))
     return render_template("login.html", form=form)
 
 

@@ -5,15 +5,18 @@ Blueprints import from here and from below (intake, store, worker.app), never fr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from functools import wraps
 from typing import Any, TypeVar, cast
 
 from flask import abort
 from flask_login import current_user, login_required
 from flask_wtf import FlaskForm
+from markupsafe import Markup
 from werkzeug.datastructures import FileStorage
 
+from store.reports import ReportQuery
 from store.tables import Role
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -47,6 +50,46 @@ admin_required = role_required(Role.ADMIN)
 reviewer_required = role_required(*REVIEW_ROLES)
 
 
+PER_PAGE = 50
+MAX_PER_PAGE = 500
+# Query-string keys of a report view, carried to a study page and back (its previous/next follow them).
+REPORT_ARGS = ("band", "label", "status", "reviewed", "q", "sort", "dir", "page", "per_page")
+
+
+def _int(value: str | None, default: int, lo: int, hi: int) -> int:
+    try:
+        return min(hi, max(lo, int(value))) if value is not None else default
+    except ValueError:
+        return default
+
+
+def report_query(args: Mapping[str, str], *, default_sort: str = "id") -> ReportQuery:
+    """The filters, search, order and page of a report from a query string (unknown values ignored)."""
+    reviewed = {"yes": True, "no": False}.get(args.get("reviewed", ""))
+    return ReportQuery(
+        band=args.get("band") or None,
+        label=args.get("label") or None,
+        status=args.get("status") or None,
+        reviewed=reviewed,
+        search=args.get("q", ""),
+        sort=args.get("sort") or default_sort,
+        desc=args.get("dir") == "desc",
+        page=_int(args.get("page"), 1, 1, 10**6),
+        per_page=_int(args.get("per_page"), PER_PAGE, 1, MAX_PER_PAGE),
+    ).normalised()
+
+
+def report_args(args: Mapping[str, str], **changes: object) -> dict[str, str]:
+    """The report's query-string keys from args, with changes applied (None removes a key)."""
+    out = {k: v for k, v in args.items() if k in REPORT_ARGS and v}
+    for key, value in changes.items():
+        if value is None or value == "":
+            out.pop(key, None)
+        else:
+            out[key] = str(value)
+    return out
+
+
 def uploaded_files(storages: list[FileStorage]) -> list[tuple[str, bytes]]:
     """(client file name, bytes) for every non-blank file part of a multipart request."""
     out = []
@@ -57,3 +100,42 @@ def uploaded_files(storages: list[FileStorage]) -> list[tuple[str, bytes]]:
             continue
         out.append((fs.filename or "unnamed", data))
     return out
+
+
+# What each triage band means when the model version that made a prediction carries no legend of its own
+# (artifacts from before meta["band_legend"]); the one generic text, used by every page and the PDFs.
+GENERIC_BAND_LEGEND: dict[str, str] = {
+    "COVID-19 suspected": "The COVID-19 probability is above the model's COVID-19 threshold, which is set "
+    "low to miss few COVID-19 studies, so many of these are not COVID-19. The finding shown is COVID-19.",
+    "pneumonia suspected": "Not COVID-19 suspected; the pneumonia probability is above the model's pneumonia "
+    "threshold. The finding shown is pneumonia.",
+    "likely normal": "Not COVID-19 suspected; the normal probability is above the model's normal threshold, "
+    "set so that few abnormal studies land here.",
+    "refer to a radiologist": "The model is unsure: no band's threshold is met. A radiologist should read "
+    "the study.",
+}
+
+
+def band_legend(stored: dict[str, str] | None) -> list[tuple[str, str]]:
+    """(band, meaning) in the bands' order: a model version's own legend, else the generic one."""
+    legend = dict(GENERIC_BAND_LEGEND)
+    if stored:
+        legend.update({band: text for band, text in stored.items() if text})
+    return list(legend.items())
+
+
+def band_slug(band: str | None) -> str:
+    """A CSS class name for a band ("COVID-19 suspected" -> "band-covid-19-suspected")."""
+    return "band-" + "".join(c if c.isalnum() else "-" for c in (band or "none").lower())
+
+
+def time_tag(value: datetime | None) -> Markup:
+    """A <time> element for a stored (UTC) datetime: UTC text that app.js shows in the local zone."""
+    if value is None:
+        return Markup("")
+    if value.tzinfo is None:  # SQLite hands back naive datetimes; every stored one is UTC
+        value = value.replace(tzinfo=UTC)
+    value = value.astimezone(UTC)
+    return Markup('<time datetime="{}">{}</time>').format(
+        value.isoformat(), value.strftime("%Y-%m-%d %H:%M UTC")
+    )

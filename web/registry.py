@@ -6,14 +6,14 @@ import logging
 from typing import Any
 
 from flask import Blueprint, abort, flash, redirect, render_template, url_for
-from flask_login import current_user
+from flask_login import current_user, login_required
 from werkzeug.wrappers import Response
 
 from store.models_registry import get_version, list_versions, promote, promotion_history, serving_version
 from store.retraining import list_runs, retraining_progress
 from store.tables import RetrainRun
 from web.auth import current_row
-from web.common import ActionForm, admin_required, reviewer_required
+from web.common import ActionForm, admin_required, band_legend, reviewer_required
 from web.db import get_db
 from worker import app as queue  # Celery only, never TensorFlow
 
@@ -131,6 +131,16 @@ def models() -> str:
         active=retraining_progress(db),
         is_admin=current_user.is_admin,
     )
+
+
+@bp.route("/models/<int:version_id>/card")
+@login_required
+def card(version_id: int) -> str:
+    """One model version's card and band legend, for every signed-in user (reports link here)."""
+    mv = get_version(get_db(), version_id=version_id)
+    if mv is None:
+        abort(404)
+    return render_template("model_card.html", mv=mv, legend=band_legend(mv.band_legend))
 
 
 @bp.route("/models/<int:version_id>/promote", methods=["POST"])

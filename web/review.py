@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, flash, redirect, url_for
+from flask import Blueprint, abort, flash, redirect, request, url_for
 from flask_login import login_required
 from flask_wtf import FlaskForm
 from werkzeug.wrappers import Response
@@ -11,7 +11,7 @@ from wtforms.validators import DataRequired, Length, Optional
 
 from store.reviews import LABELS, ReviewError, review_study
 from store.studies import get_study_for
-from web.auth import current_row
+from web.auth import current_row, safe_next
 from web.common import NOTE_MAX, REVIEW_ROLES
 from web.db import get_db
 
@@ -28,7 +28,7 @@ class ReviewForm(FlaskForm):
 @bp.route("/studies/<int:study_id>/review", methods=["POST"])
 @login_required
 def review(study_id: int) -> Response:
-    """Record a confirmation or correction, then go back to the study's row in the report."""
+    """Record a confirmation or correction, then go back (to the study page it came from, or the report)."""
     user = current_row()
     if user.role not in REVIEW_ROLES:
         abort(403, description="Only reviewers and administrators may review studies.")
@@ -36,7 +36,10 @@ def review(study_id: int) -> Response:
     study = get_study_for(db, user=user, study_id=study_id)
     if study is None:
         abort(404)
-    back = redirect(url_for("reports.report", batch_id=study.batch_id, _anchor=f"study-{study.id}"))
+    back = redirect(
+        safe_next(request.form.get("next"))
+        or url_for("reports.report", batch_id=study.batch_id, _anchor=f"study-{study.id}")
+    )
     form = ReviewForm()
     if not form.validate_on_submit():
         errors = "; ".join(f"{name}: {e}" for name, errs in form.errors.items() for e in errs)

@@ -26,8 +26,11 @@ log = logging.getLogger(__name__)
 SCREEN_TASK = "cxr.screen_chunk"
 RECONCILE_TASK = "cxr.reconcile"
 RETRAIN_TASK = "cxr.retrain"
+EXPLAIN_TASK = "cxr.explain"
 INFERENCE_QUEUE = "inference"
 TRAINING_QUEUE = "training"
+# Heat maps: a queue of their own so they never hold up screening (a worker consumes it beside inference).
+EXPLAIN_QUEUE = "explain"
 
 
 def broker_folders(settings: Settings) -> dict[str, Path]:
@@ -122,10 +125,12 @@ def make_celery(settings: Settings | None = None, *, set_as_current: bool = True
         task_queues=(
             Queue(INFERENCE_QUEUE, Exchange(INFERENCE_QUEUE), routing_key=INFERENCE_QUEUE),
             Queue(TRAINING_QUEUE, Exchange(TRAINING_QUEUE), routing_key=TRAINING_QUEUE),
+            Queue(EXPLAIN_QUEUE, Exchange(EXPLAIN_QUEUE), routing_key=EXPLAIN_QUEUE),
         ),
         task_routes={
             SCREEN_TASK: {"queue": INFERENCE_QUEUE},
             RECONCILE_TASK: {"queue": INFERENCE_QUEUE},
+            EXPLAIN_TASK: {"queue": EXPLAIN_QUEUE},
             "cxr.retrain*": {"queue": TRAINING_QUEUE},
         },
         task_annotations={
@@ -182,6 +187,24 @@ def send_screen_chunks(
             # declare=[queue]: the embedded broker routes through its exchange table, which must exist even
             # when no worker has started yet, or the message would be dropped as undeliverable.
             app.send_task(SCREEN_TASK, args=[chunk], queue=queue, producer=producer, declare=[queue])
+    return len(chunks)
+
+
+def send_explain(study_ids: Sequence[int], model_version_id: int, *, app: CxrCelery | None = None) -> int:
+    """Enqueue heat-map tasks for these studies' (committed) predictions by one model version."""
+    app = app or default_app()
+    chunks = chunked(sorted(set(int(i) for i in study_ids)), app.settings.chunk_size)
+    queue = app.amqp.queues[EXPLAIN_QUEUE]
+    with app.producer_or_acquire() as producer:
+        for chunk in chunks:
+            app.send_task(
+                EXPLAIN_TASK,
+                args=[chunk],
+                kwargs={"model_version_id": int(model_version_id)},
+                queue=queue,
+                producer=producer,
+                declare=[queue],
+            )
     return len(chunks)
 
 

@@ -129,6 +129,7 @@ def run_retraining(
                     "reviewed_images": meta["data"]["reviewed_images"],
                 },
                 card=(final_dir / "card.md").read_text(),
+                band_legend=meta.get("band_legend"),
                 serve_if_none=False,
             )
             gate_report = {

@@ -43,6 +43,8 @@ INTERNAL_ERROR_REASON = "The model could not process this image ({kind}); contac
 
 Enqueue = Callable[[Sequence[int], int], int]
 """send(study_ids, chunk_size) -> number of tasks; called only after the session committed."""
+Explain = Callable[[Sequence[int], int], object]
+"""send_explain(study_ids, model_version_id): heat maps of committed predictions."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ def model_version_id(database_url: str, predictor: Any) -> int:
                     artifact_sha256=predictor.artifact_sha256,
                     metrics=dict(predictor.metrics or {}),
                     card=predictor.card or "",
+                    band_legend=(getattr(predictor, "meta", None) or {}).get("band_legend"),
                     serve_if_none=True,
                 )
                 mv_id = mv.id
@@ -296,9 +299,17 @@ def _record(
 
 
 def run_screen_task(
-    study_ids: Sequence[int], *, token: str, settings: Settings, enqueue: Enqueue
+    study_ids: Sequence[int],
+    *,
+    token: str,
+    settings: Settings,
+    enqueue: Enqueue,
+    explain: Explain | None = None,
 ) -> ChunkOutcome:
-    """One delivery of cxr.screen_chunk: one session; split, or screen; send follow-ups after the commit."""
+    """One delivery of cxr.screen_chunk: one session; split, or screen; send follow-ups after the commit.
+
+    explain, when given, is sent the studies now DONE (after the commit) so their heat maps are computed.
+    """
     ids = sorted({int(i) for i in study_ids})
     # One connection for the whole delivery (no checkout + ping per commit). The serving version is read and
     # its transaction committed first, so no transaction stays open while a newly promoted model loads.
@@ -313,6 +324,13 @@ def run_screen_task(
         outcome = screen_chunk(session, study_ids=ids, token=token, model=model, settings=settings)
     for sid in outcome.requeued:
         enqueue([sid], 1)
+    if explain is not None and outcome.done:
+        try:
+            explain(outcome.done, model.model_version_id)
+        except Exception as exc:  # noqa: BLE001 - the predictions are stored; the page shows the map as pending
+            log.warning(
+                "heat maps of %d studies not queued: %s: %s", len(outcome.done), type(exc).__name__, exc
+            )
     return outcome
 
 

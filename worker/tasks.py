@@ -11,11 +11,13 @@ from celery.signals import worker_init, worker_process_init, worker_ready
 
 from config import Settings
 from worker.app import (
+    EXPLAIN_TASK,
     INFERENCE_QUEUE,
     RECONCILE_TASK,
     RETRAIN_TASK,
     SCREEN_TASK,
     CxrCelery,
+    send_explain,
     send_screen_chunks,
     settings_of,
 )
@@ -98,8 +100,22 @@ def _warm_up() -> None:
 def screen_chunk_task(self, study_ids: list[int]) -> dict[str, int]:  # noqa: ANN001
     """Screen one chunk of studies; the task id is the claim token, so a redelivery re-claims its own."""
     settings = settings_of(self.app)
-    outcome = run_screen_task(study_ids, token=self.request.id, settings=settings, enqueue=_enqueue)
+    outcome = run_screen_task(
+        study_ids, token=self.request.id, settings=settings, enqueue=_enqueue, explain=_explain
+    )
     return {"done": len(outcome.done), "failed": len(outcome.failed), "requeued": len(outcome.requeued)}
+
+
+def _explain(study_ids: Sequence[int], model_version_id: int) -> int:
+    return send_explain(study_ids, model_version_id, app=_app())
+
+
+@shared_task(name=EXPLAIN_TASK, bind=True)
+def explain_task(self, study_ids: list[int], model_version_id: int) -> int:  # noqa: ANN001
+    """Compute the missing Grad-CAM heat maps of these studies (the Keras model loads once per process)."""
+    from worker.explain import run_explain_task
+
+    return run_explain_task(study_ids, model_version_id=model_version_id, settings=settings_of(self.app))
 
 
 @shared_task(name=RECONCILE_TASK)

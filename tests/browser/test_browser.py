@@ -1,4 +1,5 @@
-"""One end-to-end run in real headless Chromium: sign in, upload, watch the progress bar, read the report.
+"""One end-to-end run in real headless Chromium: sign in, upload, watch the progress bar, read the report,
+work through studies with the keyboard (heat map, review), filter, download the PDF and an original.
 
 Real processes throughout: the web app under waitress, a Celery worker with the committed default model,
 the embedded filesystem broker and SQLite. Debian's chromium is driven by Playwright's Python client.
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from store.tables import Role
 from tests.conftest import IN_CI, REPO_ROOT, make_user
 from tests.procs import sample_images, service_env, start_web, start_worker, stop
 
@@ -60,7 +62,7 @@ def browser_page() -> Iterator[object]:
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
-            page = browser.new_page()
+            page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
             yield page
         finally:
             browser.close()
@@ -72,6 +74,7 @@ def test_sign_in_upload_watch_progress_and_read_report(
     sqlite_url: str,
     browser_page,  # noqa: ANN001
     procs_started: list,
+    screens: Path,
 ) -> None:
     from playwright.sync_api import expect
 
@@ -82,8 +85,9 @@ def test_sign_in_upload_watch_progress_and_read_report(
 
     data_dir = tmp_path / "data"
     env = service_env(data_dir, database_url=sqlite_url, chunk_size=4, model_dir=model_dir)
-    make_user(sqlite_url, "radiographer", password=PASSWORD)
-    procs_started.append(start_worker(env))
+    make_user(sqlite_url, "radiographer", role=Role.REVIEWER, password=PASSWORD)
+    # The worker also consumes the heat-map queue, as `cxr run`'s does.
+    procs_started.append(start_worker(env, queues="inference,explain"))
     web, base = start_web(env)
     procs_started.append(web)
 
@@ -132,19 +136,92 @@ def test_sign_in_upload_watch_progress_and_read_report(
     expect(page.locator("#report tbody tr.status-failed")).to_contain_text("Unreadable PNG file")
     expect(page.locator("main .notice")).to_contain_text("not a medical device")
 
-    # Sorting is client-side: sort by P(pneumonia), descending on the second click.
-    header = page.locator("#report th", has_text="P(pneumonia)")
-    header.click()
-    header.click()
-    expect(header).to_have_attribute("aria-sort", "descending")
+    # The table fits a 1280 px screen; the summary and the legend are on top.
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+    expect(page.locator("#summary")).to_contain_text("Time taken")
+    expect(page.locator("#legend")).to_contain_text("refer to a radiologist")
+    page.screenshot(path=str(screens / "report.png"), full_page=True)
+
+    # Sorting is server-side: P(pneumonia) descending on the first click (probabilities start high).
+    page.locator("#report th", has_text="P(pneumonia)").locator("a").click()
+    expect(page.locator("#report th", has_text="P(pneumonia)")).to_have_attribute("aria-sort", "descending")
     values = [
         float(v)
-        for v in page.locator("#report tbody tr td.num:nth-child(7)").evaluate_all(
+        for v in page.locator("#report tbody tr.status-done td.num:nth-child(7)").evaluate_all(
             "tds => tds.map(td => td.dataset.value)"
         )
     ]
-    assert values == sorted(values, reverse=True)
+    assert values == sorted(values, reverse=True) and len(values) == N_IMAGES
+
+    # Needs review first: open the first study and work through the batch with the keyboard.
+    page.click("#needs-review")
+    order = [
+        int(x)
+        for x in page.locator("#report tbody tr").evaluate_all("trs => trs.map(t => t.dataset.studyId)")
+    ]
+    page.locator("#report tbody tr a.study-link").first.click()
+    expect(page.locator("#study-title")).to_have_attribute("data-study-id", str(order[0]))
+    expect(page.locator("#viewer")).to_have_attribute("data-loaded", "true", timeout=30_000)
+    # The heat map is computed by the worker after screening; the page polls until it is there.
+    expect(page.locator("#heat-toggle")).to_be_enabled(timeout=180_000)
+    page.keyboard.press("h")
+    overlay = page.locator("#heat-overlay")
+    expect(overlay).to_be_visible()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=overlay.element_handle())
+    page.locator("#heat-opacity").fill("70")
+    assert page.evaluate("document.getElementById('heat-overlay').style.opacity") == "0.7"
+    # The overlay covers exactly the image's box.
+    boxes = page.evaluate(
+        "['image-canvas','heat-overlay'].map(id => {const r = document.getElementById(id)"
+        ".getBoundingClientRect(); return [r.x, r.y, r.width, r.height].map(Math.round)})"
+    )
+    assert boxes[0] == boxes[1], boxes
+    expect(page.locator("#study-band")).not_to_be_empty()
+    expect(page.locator("#band-meaning")).not_to_be_empty()
+    expect(page.locator("main .notice")).to_contain_text("not a medical device")
+    page.screenshot(path=str(screens / "study.png"), full_page=True)
+
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#study-title")).to_have_attribute("data-study-id", str(order[1]))
+    page.keyboard.press("ArrowLeft")
+    expect(page.locator("#study-title")).to_have_attribute("data-study-id", str(order[0]))
+    page.keyboard.press("j")
+    expect(page.locator("#study-title")).to_have_attribute("data-study-id", str(order[1]))
+
+    # A reviewer sets a label on the study page and stays there.
+    page.select_option("#review-label", "pneumonia")
+    page.click("#save-review")
+    expect(page.locator(".flash")).to_contain_text(f"Study {order[1]}")
+    expect(page.locator("#current-review")).to_contain_text("pneumonia")
+    expect(page.locator("#study-audit")).to_contain_text("study.review")
+
+    # The original file, as an attachment.
+    with page.expect_download() as dl:
+        page.click("#download-original")
+    original = Path(dl.value.path()).read_bytes()
+    assert original in {b for _, b in images}
+
+    # Back to the report, filtered by band.
+    page.click("#back-to-report")
+    band = page.locator("#report tbody tr.status-done .band").first.inner_text().strip()
+    page.select_option("#filters select[name=band]", band)
+    page.click("#filters button[type=submit]")
+    bands = page.locator("#report tbody tr .band-cell").all_inner_texts()
+    assert bands and {b.strip() for b in bands} == {band}
+
+    # The PDF of the batch.
+    with page.expect_download() as dl:
+        page.click("#download-pdf")
+    assert Path(dl.value.path()).read_bytes().startswith(b"%PDF")
     assert not console_errors, console_errors  # e.g. a Content-Security-Policy violation
+
+
+@pytest.fixture
+def screens() -> Path:
+    """Where the browser test's screenshots go (CXR_SCREENS_DIR, else test-output/screens)."""
+    path = Path(os.environ.get("CXR_SCREENS_DIR") or REPO_ROOT / "test-output" / "screens")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @pytest.fixture

@@ -76,10 +76,13 @@ def test_csv_export(app: Flask, login: Callable[[str], FlaskClient]) -> None:
     assert resp.status_code == 200 and resp.mimetype == "text/csv"
     assert "attachment" in resp.headers["Content-Disposition"]
     rows = list(csv.reader(io.StringIO(resp.get_data(as_text=True))))
-    assert rows[0] == [f"# {NOTICE}"]
-    header, body = rows[1], [dict(zip(rows[1], r, strict=True)) for r in rows[2:]]
-    assert header[:3] == ["study_id", "file_name", "status"]
+    # A plain header row first (no comment line a spreadsheet reads as data); provenance in columns.
+    header, body = rows[0], [dict(zip(rows[0], r, strict=True)) for r in rows[1:]]
+    assert header[:4] == ["batch_id", "study_id", "file_name", "status"]
+    assert {"exported_at", "notice", "model_version"} <= set(header)
     assert len(body) == 3
+    assert {r["notice"] for r in body} == {NOTICE} and {r["batch_id"] for r in body} == {str(batch_id)}
+    assert all(r["exported_at"].endswith("+00:00") for r in body)
     done = next(r for r in body if r["study_id"] == str(sid))
     assert done["file_name"] == "'=cmd.png"  # neutralised spreadsheet formula
     assert (done["predicted_class"], done["p_pneumonia"], done["triage"]) == (

@@ -9,6 +9,8 @@ from pathlib import Path
 from config import load_settings
 from tests.procs import REPO_ROOT
 from worker.app import (
+    EXPLAIN_QUEUE,
+    EXPLAIN_TASK,
     INFERENCE_QUEUE,
     RECONCILE_TASK,
     RETRAIN_TASK,
@@ -30,7 +32,9 @@ def test_reliability_settings(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN
     assert conf.task_ignore_result
     assert 0 < conf.task_soft_time_limit < conf.task_time_limit < settings.running_lease_s
     assert conf.task_routes[SCREEN_TASK]["queue"] == INFERENCE_QUEUE
-    assert {q.name for q in conf.task_queues} == {INFERENCE_QUEUE, TRAINING_QUEUE}
+    assert {q.name for q in conf.task_queues} == {INFERENCE_QUEUE, TRAINING_QUEUE, EXPLAIN_QUEUE}
+    # Heat maps never wait in front of screening: they have a queue of their own.
+    assert conf.task_routes[EXPLAIN_TASK]["queue"] == EXPLAIN_QUEUE
     schedule = conf.beat_schedule["reconcile-stuck-studies"]
     assert schedule["task"] == RECONCILE_TASK and schedule["schedule"] == settings.reconcile_every_s
     # Embedded broker: every folder under the data dir, created up front.

@@ -1,4 +1,4 @@
-// Progress polling and client-side table sorting. No inline scripts: the CSP forbids them.
+// Progress polling, local times, the study viewer. No inline scripts: the CSP forbids them.
 "use strict";
 
 const POLL_MS = 2000;
@@ -16,7 +16,7 @@ function sizeBar(container, p) {
 }
 
 function initialSizes() {
-  document.querySelectorAll(".seg[data-w]").forEach((seg) => { seg.style.width = seg.dataset.w + "%"; });
+  document.querySelectorAll(".seg[data-w], .fill[data-w]").forEach((seg) => { seg.style.width = seg.dataset.w + "%"; });
 }
 
 async function fetchJson(url) {
@@ -93,27 +93,115 @@ function pollReport(box) {
   setTimeout(tick, POLL_MS);
 }
 
-function sortable(table) {
-  const headers = Array.from(table.querySelectorAll("thead th"));
-  headers.forEach((th, col) => {
-    if (!th.dataset.sort) return;
-    th.addEventListener("click", () => {
-      const asc = th.getAttribute("aria-sort") !== "ascending";
-      headers.forEach((h) => h.removeAttribute("aria-sort"));
-      th.setAttribute("aria-sort", asc ? "ascending" : "descending");
-      const key = (tr) => {
-        const td = tr.children[col];
-        if (th.dataset.sort === "num") return parseFloat(td.dataset.value ?? td.textContent) || 0;
-        return td.textContent.trim().toLowerCase();
-      };
-      const body = table.tBodies[0];
-      const rows = Array.from(body.rows);
-      rows.sort((a, b) => {
-        const ka = key(a), kb = key(b);
-        return (ka < kb ? -1 : ka > kb ? 1 : 0) * (asc ? 1 : -1);
-      });
-      rows.forEach((r) => body.appendChild(r));
+// Times are printed in UTC by the server; show them in the reader's zone, with the zone's name.
+function localTimes() {
+  const fmt = new Intl.DateTimeFormat(undefined, {
+    year: "numeric", month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit", timeZoneName: "short",
+  });
+  document.querySelectorAll("time[datetime]").forEach((el) => {
+    const d = new Date(el.getAttribute("datetime"));
+    if (!Number.isNaN(d.getTime())) {
+      el.title = el.textContent;
+      el.textContent = fmt.format(d);
+    }
+  });
+}
+
+// Study page: window/level on a canvas copy of the pixels, zoom, the heat-map overlay, keyboard shortcuts.
+function studyViewer(viewer) {
+  const canvas = document.getElementById("image-canvas");
+  const frame = document.getElementById("frame");
+  const overlay = document.getElementById("heat-overlay");
+  const toggle = document.getElementById("heat-toggle");
+  const opacity = document.getElementById("heat-opacity");
+  const width = document.getElementById("win-width");
+  const level = document.getElementById("win-level");
+  const zoom = document.getElementById("zoom");
+  const stateText = document.getElementById("heat-state");
+  let original = null;
+
+  const applyWindow = () => {
+    if (!original) return;
+    const ctx = canvas.getContext("2d");
+    const out = ctx.createImageData(original.width, original.height);
+    const w = Number(width.value), l = Number(level.value);
+    const lo = l - w / 2;
+    const lut = new Uint8ClampedArray(256);
+    for (let v = 0; v < 256; v++) lut[v] = Math.round(((v - lo) / w) * 255);
+    const src = original.data, dst = out.data;
+    for (let i = 0; i < src.length; i += 4) {
+      const g = lut[src[i]];
+      dst[i] = g; dst[i + 1] = g; dst[i + 2] = g; dst[i + 3] = 255;
+    }
+    ctx.putImageData(out, 0, 0);
+  };
+  const applyZoom = () => { frame.style.width = Number(zoom.value) * 100 + "%"; };
+  const applyHeat = () => {
+    if (!overlay) return;
+    overlay.hidden = !(toggle && toggle.checked);
+    overlay.style.opacity = String(Number(opacity.value) / 100);
+    viewer.dataset.heatVisible = overlay.hidden ? "false" : "true";
+  };
+  if (canvas) {
+    const img = new Image();
+    img.onload = () => {
+      canvas.width = img.naturalWidth;
+      canvas.height = img.naturalHeight;
+      const ctx = canvas.getContext("2d");
+      ctx.drawImage(img, 0, 0);
+      original = ctx.getImageData(0, 0, canvas.width, canvas.height);
+      applyWindow();
+      viewer.dataset.loaded = "true";
+    };
+    img.src = canvas.dataset.src;
+    [width, level].forEach((el) => el.addEventListener("input", applyWindow));
+    zoom.addEventListener("input", applyZoom);
+    document.getElementById("reset-view").addEventListener("click", () => {
+      width.value = 255; level.value = 128; zoom.value = 1;
+      applyWindow(); applyZoom();
     });
+  }
+  if (toggle) toggle.addEventListener("change", applyHeat);
+  if (opacity) opacity.addEventListener("input", applyHeat);
+  applyHeat();
+
+  // A pending heat map is polled until the worker has stored it.
+  if (viewer.dataset.heatState === "pending" && overlay) {
+    const poll = async () => {
+      const resp = await fetch(viewer.dataset.heatmapUrl, { method: "HEAD", credentials: "same-origin" });
+      if (resp.ok) {
+        overlay.src = viewer.dataset.heatmapUrl;
+        toggle.disabled = false;
+        viewer.dataset.heatState = "ready";
+        if (stateText) stateText.textContent = "";
+        return;
+      }
+      setTimeout(poll, POLL_MS);
+    };
+    setTimeout(poll, POLL_MS);
+  }
+
+  const labels = document.getElementById("review-label");
+  document.addEventListener("keydown", (ev) => {
+    if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
+    const tag = (ev.target.tagName || "").toLowerCase();
+    if (["input", "textarea", "select"].includes(tag) && ev.target.type !== "range" && ev.target.type !== "checkbox") return;
+    const go = (url) => { if (url) window.location.href = url; };
+    switch (ev.key) {
+      case "ArrowRight": case "j": case "J": go(viewer.dataset.nextUrl); break;
+      case "ArrowLeft": case "k": case "K": go(viewer.dataset.prevUrl); break;
+      case "h": case "H":
+        if (toggle && !toggle.disabled) { toggle.checked = !toggle.checked; applyHeat(); }
+        break;
+      case "+": case "=": if (zoom) { zoom.value = Math.min(4, Number(zoom.value) + 0.25); applyZoom(); } break;
+      case "-": if (zoom) { zoom.value = Math.max(1, Number(zoom.value) - 0.25); applyZoom(); } break;
+      case "0": if (zoom) { document.getElementById("reset-view").click(); } break;
+      case "1": case "2": case "3":
+        if (labels) { labels.selectedIndex = Number(ev.key) - 1; labels.focus(); }
+        break;
+      default: return;
+    }
+    ev.preventDefault();
   });
 }
 
@@ -125,5 +213,7 @@ document.addEventListener("DOMContentLoaded", () => {
   confirmForms();
   const report = document.getElementById("report-progress");
   if (report) pollReport(report);
-  document.querySelectorAll("table.sortable").forEach(sortable);
+  localTimes();
+  const viewer = document.getElementById("viewer");
+  if (viewer) studyViewer(viewer);
 });
