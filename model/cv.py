@@ -338,6 +338,41 @@ def consistent_errors(names: list[str], runs_dir: Path = REPO_ROOT / "runs" / "c
     return out
 
 
+def oof_source_probe(name: str, *, data: Path, runs_dir: Path = REPO_ROOT / "runs" / "cv") -> dict:
+    """Source probe on out-of-fold features: can a linear model tell the collection from what the network
+    computes on images it never trained on? Within one class, accuracy far above chance means shortcuts."""
+    import keras
+
+    from model.data import load_arrays
+    from model.evaluate import source_probe
+    from model.network import FEATURE_LAYER
+    from model.train import input_size, to_model_input
+
+    out = Path(runs_dir) / name
+    conf = json.loads((out / "config.json").read_text())
+    records = cv_records()
+    folds = cv_folds(records, conf["k"])
+    x = load_arrays(data, records, input_size(conf["arch"]), lung_crop=conf.get("lung_crop", False))
+    feats = None
+    for f in range(conf["k"]):
+        m = keras.saving.load_model(out / f"fold{f}" / "model.keras", compile=False)
+        fm = keras.Model(m.inputs, m.get_layer(FEATURE_LAYER).output)
+        held = folds == f
+        z = fm.predict(to_model_input(x[held], conf["arch"]), batch_size=64, verbose=0)
+        feats = np.zeros((len(records), z.shape[1]), np.float32) if feats is None else feats
+        feats[held] = z
+    y = np.array([r.label for r in records])
+    src = np.array([r.source for r in records])
+    grp = np.array([r.patient_id for r in records])
+    res = {}
+    for sub in ("all", *CLASSES):
+        sel = np.ones(len(y), bool) if sub == "all" else y == sub
+        if len(set(src[sel])) >= 2:
+            res[sub] = source_probe(feats[sel], src[sel], grp[sel])
+    (out / "probe.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
 TWO_CLASS_COLLECTIONS = ("ieee8023", "actmed", "fig1", "nih", "kermany")
 
 
@@ -420,6 +455,7 @@ def main() -> None:
     ap.add_argument("--folds", default=None, help="comma-separated fold indices (default: all)")
     ap.add_argument("--lung-crop", action="store_true", help="crop to the checked lung fields first")
     ap.add_argument("--loco", action="store_true", help="leave-one-collection-out instead of k-fold")
+    ap.add_argument("--probe", action="store_true", help="source probe on the out-of-fold features of --name")
     ap.add_argument("--noise", default=None, help="comma-separated candidates: studies all of them get wrong")
     ap.add_argument("--data", type=Path, default=shared_data_dir("cxr"))
     args = ap.parse_args()
@@ -430,6 +466,9 @@ def main() -> None:
         "lr": args.lr,
         "label_smoothing": args.label_smoothing,
     }
+    if args.probe:
+        print(json.dumps(oof_source_probe(args.name, data=args.data), indent=1))
+        return
     if args.noise:
         rep = consistent_errors(args.noise.split(","))
         print(json.dumps({k: v for k, v in rep.items() if k != "files"}, indent=1))
