@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 SCREEN_TASK = "cxr.screen_chunk"
 RECONCILE_TASK = "cxr.reconcile"
 RETRAIN_TASK = "cxr.retrain"
+DICOM_RESULTS_TASK = "cxr.dicom_results"
 INFERENCE_QUEUE = "inference"
 TRAINING_QUEUE = "training"
 
@@ -126,6 +127,7 @@ def make_celery(settings: Settings | None = None, *, set_as_current: bool = True
         task_routes={
             SCREEN_TASK: {"queue": INFERENCE_QUEUE},
             RECONCILE_TASK: {"queue": INFERENCE_QUEUE},
+            DICOM_RESULTS_TASK: {"queue": INFERENCE_QUEUE},
             "cxr.retrain*": {"queue": TRAINING_QUEUE},
         },
         task_annotations={
@@ -183,6 +185,16 @@ def send_screen_chunks(
             # when no worker has started yet, or the message would be dropped as undeliverable.
             app.send_task(SCREEN_TASK, args=[chunk], queue=queue, producer=producer, declare=[queue])
     return len(chunks)
+
+
+def send_dicom_results(study_ids: Sequence[int], *, app: CxrCelery | None = None) -> None:
+    """Ask for the DICOM results (SR, Grad-CAM SC) of these committed, DONE studies; one task for them all."""
+    ids = sorted(set(int(i) for i in study_ids))
+    if not ids:
+        return
+    app = app or default_app()
+    queue = app.amqp.queues[INFERENCE_QUEUE]
+    app.send_task(DICOM_RESULTS_TASK, args=[ids], queue=queue, declare=[queue])
 
 
 def enqueue_after_commit(session: Session, study_ids: Sequence[int]) -> str | None:

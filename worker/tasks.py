@@ -11,11 +11,13 @@ from celery.signals import worker_init, worker_process_init, worker_ready
 
 from config import Settings
 from worker.app import (
+    DICOM_RESULTS_TASK,
     INFERENCE_QUEUE,
     RECONCILE_TASK,
     RETRAIN_TASK,
     SCREEN_TASK,
     CxrCelery,
+    send_dicom_results,
     send_screen_chunks,
     settings_of,
 )
@@ -99,7 +101,20 @@ def screen_chunk_task(self, study_ids: list[int]) -> dict[str, int]:  # noqa: AN
     """Screen one chunk of studies; the task id is the claim token, so a redelivery re-claims its own."""
     settings = settings_of(self.app)
     outcome = run_screen_task(study_ids, token=self.request.id, settings=settings, enqueue=_enqueue)
+    if outcome.done and settings.dicom_results:
+        from worker.dicom_results import dicom_study_ids
+
+        # After the commit (run_screen_task has committed): the results task must see the DONE rows.
+        send_dicom_results(dicom_study_ids(settings, outcome.done), app=self.app)
     return {"done": len(outcome.done), "failed": len(outcome.failed), "requeued": len(outcome.requeued)}
+
+
+@shared_task(name=DICOM_RESULTS_TASK)
+def dicom_results_task(study_ids: list[int]) -> dict[str, int]:
+    """Make (and send, when a destination is set) the SR and Grad-CAM SC of finished DICOM studies."""
+    from worker.dicom_results import run_results_task
+
+    return run_results_task(study_ids, settings=_settings())
 
 
 @shared_task(name=RECONCILE_TASK)
