@@ -210,6 +210,16 @@ def _apply(ds: Dataset, *, key: str, days: int, pseudonym: str) -> None:
             elem.value = _dummy(elem, shift)
 
 
+# Type 2 attributes of the Patient and General Study modules (present even when unknown).
+_TYPE2 = (
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 _META_DROP = {0x00020013, 0x00020016, 0x00020017, 0x00020018, 0x00020100, 0x00020102}
 IMPLEMENTATION_VERSION = "CXR_DEID_1"
 # Dates emptied even under the modified-dates option: a shifted birth date would still give the age.
@@ -250,6 +260,9 @@ def deidentify_dataset(ds: Dataset, *, key: str, fallback_patient: str | None = 
     for group in {int(e.tag) >> 16 for e in ds if 0x6000 <= (int(e.tag) >> 16) <= 0x601E}:
         for elem in [e for e in ds if int(e.tag) >> 16 == group]:
             del ds[elem.tag]
+    for keyword in _TYPE2:
+        if keyword not in ds:
+            setattr(ds, keyword, "")  # Type 2: present, empty; results built from this file need them
     if "PatientID" not in ds:
         ds.PatientID = pseudonym
     if "PatientName" not in ds:

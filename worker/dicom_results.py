@@ -272,8 +272,12 @@ def run_results_task(study_ids: Sequence[int], *, settings: Settings) -> dict[st
     with session_scope(settings.database_url) as session:
         ids = dicom_studies_to_report(session, study_ids=study_ids)
         for sid in ids:
-            made += len(make_results(session, study_id=sid, settings=settings))
-            session.commit()  # each study's results are kept even if a later one fails
+            try:
+                made += len(make_results(session, study_id=sid, settings=settings))
+                session.commit()  # each study's results are kept even if a later one fails
+            except Exception:  # noqa: BLE001 - one study's odd header must not cost the others their results
+                session.rollback()
+                log.exception("DICOM results of study %d failed", sid)
         sent = send_results(session, study_ids=ids, settings=settings)
         session.commit()
     return {"made": made, "sent": sent}
