@@ -15,8 +15,10 @@ import pytest
 import requests
 from sqlalchemy import select
 
+from intake.deid import keyed_uid
 from store import migrate
 from store.db import session_scope
+from store.studies import load_image_bytes
 from store.tables import Batch, DicomResult, Prediction, Role, Study, StudyStatus
 from tests.conftest import make_user
 from tests.intake.dicom_helpers import CORRUPT, fixture_paths, require_tool
@@ -27,6 +29,7 @@ from tests.procs import (
     log_tail,
     port_open,
     service_env,
+    settings_from_env,
     start_web,
     start_worker,
     wait_for,
@@ -107,7 +110,6 @@ def test_storescu_to_sr(data_dir: Path, procs: list) -> None:
 
     session = _login(base, "root")
     originals = {p.name: p.read_bytes() for p in fixtures}
-    raw_files = list(originals.values())
     for study in done:
         resp = session.get(f"{base}/studies/{study.id}/sr.dcm", timeout=30)
         assert resp.status_code == 200 and resp.headers["Content-Type"] == "application/dicom"
@@ -119,25 +121,15 @@ def test_storescu_to_sr(data_dir: Path, procs: list) -> None:
             str(pydicom.dcmread(io.BytesIO(b), stop_before_pixels=True).PatientID) for b in originals.values()
         }
         assert not any(r and r in resp.content.decode("latin-1") for r in raw_ids)
-    # The stored instances are de-identified, tag by tag (the stored bytes come back by the study's image).
+    # Each stored instance is de-identified, tag by tag, against the file sent (found by its keyed UID).
+    key = settings_from_env(env).deid_key
     with session_scope(url) as s:
-        from store.studies import load_image_bytes
-
         stored = load_image_bytes(s, studies=done)
-    by_uid = {}
-    for raw in originals.values():
-        by_uid[pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True).SOPClassUID] = raw
-    for study in done:
-        mine = pydicom.dcmread(io.BytesIO(stored[study.id]), stop_before_pixels=True)
-        assert mine.PatientIdentityRemoved == "YES"
+    by_uid = {
+        pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID: data
+        for data in stored.values()
+    }
     for name, raw in originals.items():
-        if name == CORRUPT:
-            continue
-        candidates = [
-            stored[st.id]
-            for st in done
-            if pydicom.dcmread(io.BytesIO(stored[st.id]), stop_before_pixels=True).get("Rows")
-            == pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True).get("Rows")
-        ]
-        assert candidates, name
-        check_deidentified(raw, candidates[0])
+        if name != CORRUPT:
+            uid = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True).SOPInstanceUID
+            check_deidentified(raw, by_uid[keyed_uid(key, uid)])
