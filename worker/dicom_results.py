@@ -188,20 +188,26 @@ def make_results(session, *, study_id: int, settings: Settings) -> list[str]:  #
         return []
     source = pydicom.dcmread(io.BytesIO(data))
     mv = session.get(ModelVersion, prediction.model_version_id)
-    made = []
-    if "sr" in missing:
-        sr = build_sr(source, prediction, model_name="CXR screening CNN", model_version=mv.version)
+    made: list[str] = []
+
+    def keep(kind: str, ds: Dataset) -> None:
         save_dicom_result(
             session,
             study_id=study_id,
             prediction_id=prediction.id,
-            kind="sr",
-            sop_instance_uid=str(sr.SOPInstanceUID),
-            data=encode(sr),
+            kind=kind,
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            data=encode(ds),
         )
-        made.append("sr")
-    if "sc" in missing:
-        artifact = Path(mv.artifact_path) if Path(mv.artifact_path, "model.keras").exists() else None
+        made.append(kind)
+
+    if "sr" in missing:
+        keep("sr", build_sr(source, prediction, model_name="CXR screening CNN", model_version=mv.version))
+    artifact = Path(mv.artifact_path)
+    if "sc" in missing and not (artifact / "model.keras").exists():
+        # The heat map must come from the model that made the prediction, never from another one.
+        log.warning("no Keras model at %s: no Grad-CAM Secondary Capture for study %d", artifact, study_id)
+    elif "sc" in missing:
         try:
             overlay = blend_overlay(
                 decode_image(data, max_pixels=settings.max_image_pixels),
@@ -211,15 +217,7 @@ def make_results(session, *, study_id: int, settings: Settings) -> list[str]:  #
         except Exception:  # noqa: BLE001 - the SR stands alone; the overlay is a picture, not the result
             log.exception("Grad-CAM Secondary Capture of study %d failed", study_id)
         else:
-            save_dicom_result(
-                session,
-                study_id=study_id,
-                prediction_id=prediction.id,
-                kind="sc",
-                sop_instance_uid=str(sc.SOPInstanceUID),
-                data=encode(sc),
-            )
-            made.append("sc")
+            keep("sc", sc)
     return made
 
 
