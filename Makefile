@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint venv chromium
+.PHONY: run test lint venv chromium dicomtools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ run: $(STAMP)
 chromium:
 	@{ command -v /usr/bin/chromium && command -v pdftoppm; } >/dev/null 2>&1 || bash scripts/install_chromium.sh
 
-test: $(STAMP) chromium
+# Debian's dcmtk, dicom3tools and GDCM tools: the real DICOM clients and validators the DICOM tests drive.
+dicomtools:
+	@bash scripts/install_dicom_tools.sh
+
+test: $(STAMP) chromium dicomtools
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/python -m pytest -ra

@@ -19,7 +19,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent
 SHARED_CXR_DATA = PROJECT_ROOT.parent / "shared" / "data" / "cxr"
 LOCKED_SPLIT = PROJECT_ROOT / "model" / "splits" / "cxr_split_v1.csv"
 # Settings production must be given explicitly (no development default may reach production).
-REQUIRED_IN_PRODUCTION = ("database_url", "broker_url", "secret_key")
+REQUIRED_IN_PRODUCTION = ("database_url", "broker_url", "secret_key", "deid_key")
 
 
 class ConfigError(RuntimeError):
@@ -62,6 +62,24 @@ class Settings(BaseSettings):
     gate_f1_margin: float = 0.02
     gate_ece_max: float = 0.10
     port: int = Field(default=8000, description="port of `cxr run`'s web app")
+    # De-identification (intake.deid): the HMAC key of patient pseudonyms, UIDs and date shifts. Keep it
+    # secret and never change it, or one patient's new studies no longer join their old ones.
+    deid_key: str = ""  # default: a random key kept in data_dir/dev-deid-key (development and tests only)
+    # DICOM C-STORE receiver (intake.dicom_receiver, `cxr dicom-listen`, started by `cxr run`).
+    dicom_host: str = "127.0.0.1"  # 0.0.0.0 to accept modalities on the network
+    dicom_port: int = 11112  # 0: `cxr run` does not start the receiver
+    dicom_ae_title: str = "CXR_SCREEN"
+    # Calling AE titles accepted (comma-separated); empty: any (protect the port by network rules then).
+    dicom_calling_aes: Annotated[tuple[str, ...], NoDecode] = ()
+    dicom_owner: str = "dicom"  # the user who owns received batches (created on first start if missing)
+    dicom_batch_window_s: int = 60  # a calling AE's associations this close together join one batch
+    dicom_max_associations: int = 4
+    dicom_max_pdu_bytes: int = 65536  # the largest PDU we accept (advertised in the association)
+    dicom_max_instance_bytes: int = 64 * 1024 * 1024
+    dicom_timeout_s: int = 30  # ACSE, DIMSE and network idle time-outs
+    # Where SR and Secondary Capture results go by C-STORE: "AE@host:port"; empty: download only.
+    dicom_destination: str = ""
+    dicom_results: bool = True  # make an SR and a Grad-CAM Secondary Capture for each finished DICOM study
 
     @field_validator("retrain_seeds", mode="before")
     @classmethod
@@ -74,6 +92,29 @@ class Settings(BaseSettings):
                     f"{PREFIX}RETRAIN_SEEDS must be comma-separated integers, got {value!r}"
                 ) from exc
             return seeds or (1,)
+        return value
+
+    @field_validator("dicom_calling_aes", mode="before")
+    @classmethod
+    def _ae_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(x.strip() for x in value.split(",") if x.strip())
+        return value
+
+    @field_validator("dicom_ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        value = value.strip()
+        if not 1 <= len(value) <= 16 or "\\" in value:
+            raise ValueError(f"{PREFIX}DICOM_AE_TITLE must be 1-16 characters, got {value!r}")
+        return value
+
+    @field_validator("dicom_destination")
+    @classmethod
+    def _destination(cls, value: str) -> str:
+        value = value.strip()
+        if value and parse_destination(value) is None:
+            raise ValueError(f"{PREFIX}DICOM_DESTINATION must look like AE@host:port, got {value!r}")
         return value
 
     @field_validator("retrain_cron")
@@ -107,6 +148,7 @@ class Settings(BaseSettings):
             "broker_url": self.broker_url or "filesystem://",
             # Development and tests only: a per-data-dir random key, never a constant in the code.
             "secret_key": self.secret_key or _dev_secret(data_dir),
+            "deid_key": self.deid_key or _dev_secret(data_dir, "dev-deid-key"),
             "model_dir": self.model_dir.resolve() if self.model_dir else None,
             "task_hard_time_limit_s": hard,
             "task_soft_time_limit_s": self.task_soft_time_limit_s or max(30, hard - 30),
@@ -139,8 +181,17 @@ def _default_split(base: Path, data_dir: Path) -> Path:
     return data_dir / "retrain" / f"split-{base.name}.csv"
 
 
-def _dev_secret(data_dir: Path) -> str:
-    path = data_dir / "dev-secret-key"
+def parse_destination(value: str) -> tuple[str, str, int] | None:
+    """(AE title, host, port) of "AE@host:port", or None when it does not parse."""
+    ae, sep, address = value.strip().partition("@")
+    host, colon, port = address.rpartition(":")
+    if not sep or not colon or not ae or not host or not port.isdigit() or len(ae) > 16:
+        return None
+    return ae, host, int(port)
+
+
+def _dev_secret(data_dir: Path, name: str = "dev-secret-key") -> str:
+    path = data_dir / name
     try:
         return path.read_text().strip()
     except FileNotFoundError:

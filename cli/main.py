@@ -37,6 +37,7 @@ class LazyGroup(click.Group):
         "retrain": "cli.retrain_cmd:retrain_command",
         "model": "cli.model_cmds:model_group",
         "predict": "cli.model_cmds:predict_command",
+        "dicom-listen": "cli.dicom_cmd:dicom_listen_command",
     },
 )
 def main() -> None:

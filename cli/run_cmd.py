@@ -2,8 +2,8 @@
 
 `cxr run` applies migrations to the embedded SQLite database, creates a first admin if there is none, then
 runs the web app (waitress), a Celery worker for screening, a Celery worker for retraining (so a training run
-never holds up screening) and Celery beat, on the embedded filesystem broker (or whatever CXR_DATABASE_URL /
-CXR_BROKER_URL say). Ctrl-C stops them all.
+never holds up screening), Celery beat and the DICOM C-STORE receiver (CXR_DICOM_PORT; 0 leaves it out),
+on the embedded filesystem broker (or whatever CXR_DATABASE_URL / CXR_BROKER_URL say). Ctrl-C stops them all.
 """
 
 from __future__ import annotations
@@ -78,6 +78,11 @@ def beat_args(settings: Settings, *, loglevel: str = "INFO") -> list[str]:
     ]
 
 
+def dicom_args() -> list[str]:
+    """Command line of the DICOM C-STORE receiver (`cxr dicom-listen`, its settings from CXR_DICOM_*)."""
+    return [sys.executable, "-c", "from cli.main import main; main()", "dicom-listen"]
+
+
 def _check_model(settings: Settings) -> Path:
     from model.serve import DEFAULT_ARTIFACT_DIR  # cheap: no TensorFlow, no interpreter
 
@@ -119,6 +124,10 @@ def run_command(host: str, port: int, pool: str, concurrency: int) -> None:
     _check_model(settings)
     if _port_open(host, port):
         raise click.ClickException(f"port {port} is already in use (set CXR_PORT or --port)")
+    if settings.dicom_port and _port_open(settings.dicom_host, settings.dicom_port):
+        raise click.ClickException(
+            f"DICOM port {settings.dicom_port} is already in use (set CXR_DICOM_PORT, or 0 for no receiver)"
+        )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(settings.database_url)
     with session_scope(settings.database_url) as session:
@@ -138,6 +147,8 @@ def run_command(host: str, port: int, pool: str, concurrency: int) -> None:
         "beat": beat_args(settings),
         "web": web_args(host, port),
     }
+    if settings.dicom_port:
+        commands["dicom"] = dicom_args()
     children: dict[str, subprocess.Popen] = {}
     stopping = {"signal": 0}
 
@@ -163,6 +174,11 @@ def run_command(host: str, port: int, pool: str, concurrency: int) -> None:
                 click.echo(
                     f"\nChest X-ray screening is running at {url}  (Ctrl-C stops web, workers and beat)\n"
                 )
+                if settings.dicom_port:
+                    click.echo(
+                        f"DICOM receiver: AE title {settings.dicom_ae_title} at "
+                        f"{settings.dicom_host}:{settings.dicom_port}\n"
+                    )
                 announced = True
             time.sleep(0.25)
     finally:

@@ -6,7 +6,8 @@ never paths. PNG and JPEG get a structural check only (chunk lengths and CRCs, J
 decoded): truncated, corrupt, empty, mislabelled and oversized files fail here. A file that passes these
 checks but whose pixel data still cannot be decoded is failed by the worker, which decodes every image
 before inference, with the decoder's readable reason. DICOM (rare, and its codecs fail in more ways) is
-decoded in full here.
+decoded in full here, then de-identified (intake.deid): what is stored carries no direct identifier, and the
+patient key is a keyed pseudonym (CXR_DEID_KEY) of the DICOM PatientID or of the patient ID given at upload.
 """
 
 from __future__ import annotations
@@ -20,17 +21,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from config import Settings
+from intake.deid import DeidError, deidentify_bytes, patient_pseudonym
 from intake.formats import (
     MIN_IMAGE_SIDE,
     ImageDecodeError,
     check_structure,
     decode_image,
-    dicom_patient_id,
     image_dimensions,
     sniff_format,
     thumbnail_png,
 )
-from store.studies import hash_patient_key
 
 log = logging.getLogger(__name__)
 
@@ -161,16 +161,24 @@ def validate_file(
         return _failed(
             name, size, f"Unreadable {fmt.upper()} file: the decoder failed ({type(exc).__name__}).", fmt
         )
-    raw_patient = dicom_patient_id(data) if fmt == "dicom" else None
+    if fmt == "dicom":
+        # What is stored is de-identified (PS3.15 basic profile, intake.deid); the raw file goes no further.
+        try:
+            deid = deidentify_bytes(data, key=settings.deid_key, fallback_patient=patient_id)
+        except DeidError as exc:
+            return _failed(name, size, f"Unreadable DICOM file: {exc}.", fmt, (width, height))
+        data, patient_key = deid.data, deid.pseudonym
+    else:
+        patient_key = patient_pseudonym(settings.deid_key, patient_id)
     return ValidatedFile(
         name=name,
         data=data,
-        size_bytes=size,
+        size_bytes=len(data),
         fmt=fmt,
         width=width,
         height=height,
         thumbnail_png=thumb,
-        patient_key=hash_patient_key(raw_patient or patient_id),
+        patient_key=patient_key,
     )
 
 

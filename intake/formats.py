@@ -8,8 +8,8 @@ Imports only numpy, OpenCV and pydicom: no Flask, no SQL, no TensorFlow, nothing
   before any pixel is decoded. OpenCV's own cap (OPENCV_IO_MAX_IMAGE_PIXELS, set here and only here, before
   cv2 is imported) is a second line of defence behind it.
 - `check_structure`: cheap PNG/JPEG integrity checks (chunk lengths and CRCs, JPEG markers) with no decoding.
-- `decode_image`: PNG 8/16-bit, JPEG, DICOM (modality LUT, VOI LUT / window, MONOCHROME1 inversion; read with
-  force=False) -> 2-D float32 in [0, 1], bone bright.
+- `decode_image`: PNG 8/16-bit, JPEG, DICOM (modality LUT, VOI LUT / window, else the data range, MONOCHROME1
+  inversion, then 8 bits like the training images; force=False) -> 2-D float32 in [0, 1], bone bright.
 """
 
 from __future__ import annotations
@@ -231,6 +231,10 @@ def _decode_dicom(data: bytes) -> np.ndarray:
         raise ImageDecodeError(
             f"DICOM grey-level transform could not be applied ({type(exc).__name__})"
         ) from exc
+    # To 8 bits, as the training images were made (8-bit JPEGs rendered from the window): the model never
+    # saw finer grey levels, and a DICOM scores like its 8-bit export (tests/intake/test_dicom_agreement).
+    # Before the inversion, so that MONOCHROME1 and MONOCHROME2 of one image give exactly opposite levels.
+    out = np.round(np.clip(out, 0.0, 1.0) * 255.0) / 255.0
     if photometric == "MONOCHROME1":
         out = 1.0 - out
     return np.clip(out, 0.0, 1.0).astype(np.float32)

@@ -213,6 +213,25 @@ class Heatmap(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class DicomResult(Base):
+    """A result sent back as DICOM for one prediction: the Structured Report ("sr") or the Grad-CAM
+    Secondary Capture ("sc"), kept so that it can be downloaded and (re)sent to the configured destination."""
+
+    __tablename__ = "dicom_results"
+    __table_args__ = (UniqueConstraint("prediction_id", "kind", name="uq_dicom_results_prediction_kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(8))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    data: Mapped[bytes] = deferred(mapped_column(LargeBinary, nullable=False))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # When it reached CXR_DICOM_DESTINATION (None: not sent, or no destination), and the last send error.
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    send_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
 class Review(Base):
     """A reviewer's confirmation or correction of a finished study's label; the newest one counts."""
 

@@ -83,6 +83,17 @@ def create_user(
     return user
 
 
+def ensure_service_user(session: Session, *, username: str) -> User:
+    """The account that owns batches arriving without a person (the DICOM receiver's); created if missing.
+
+    Its password is random and never shown: nobody signs in as it unless an admin sets one (`cxr user`).
+    """
+    user = session.scalar(select(User).where(User.username == username.strip()))
+    if user is None:
+        user = create_user(session, username=username, password=secrets.token_urlsafe(32))
+    return user
+
+
 def authenticate(session: Session, *, username: str, password: str) -> User | None:
     """The active user with these credentials, or None; an old-format hash is upgraded (caller commits)."""
     user = session.scalar(select(User).where(User.username == username.strip()))

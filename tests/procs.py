@@ -60,6 +60,8 @@ def service_env(
             "PYTHONUNBUFFERED": "1",
             # Keep TensorFlow's C++ start-up chatter out of the logs the tests read.
             "TF_CPP_MIN_LOG_LEVEL": "2",
+            # `cxr run` starts the DICOM receiver too: never on the default port another run may hold.
+            "CXR_DICOM_PORT": str(free_port()),
         }
     )
     env.update({(k if k.startswith("CXR_") else "CXR_" + k.upper()): str(v) for k, v in extra.items()})

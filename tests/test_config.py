@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from config import ConfigError, load_settings
+from config import ConfigError, load_settings, parse_destination
 from tests.procs import REPO_ROOT
 
 
@@ -45,17 +45,35 @@ def test_production_refuses_default_secret_database_and_broker(
     """CXR_ENV=production needs the secret key, the database and the broker set explicitly."""
     monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("CXR_ENV", "production")
-    for name in ("CXR_DATABASE_URL", "CXR_BROKER_URL", "CXR_SECRET_KEY"):
+    for name in ("CXR_DATABASE_URL", "CXR_BROKER_URL", "CXR_SECRET_KEY", "CXR_DEID_KEY"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(ConfigError, match="CXR_DATABASE_URL, CXR_BROKER_URL, CXR_SECRET_KEY"):
+    with pytest.raises(ConfigError, match="CXR_DATABASE_URL, CXR_BROKER_URL, CXR_SECRET_KEY, CXR_DEID_KEY"):
         load_settings()
     monkeypatch.setenv("CXR_DATABASE_URL", "postgresql+psycopg://u@h/db")
     monkeypatch.setenv("CXR_BROKER_URL", "redis://h:6379/0")
     with pytest.raises(ConfigError, match="CXR_SECRET_KEY"):
         load_settings()
     monkeypatch.setenv("CXR_SECRET_KEY", "k" * 48)
-    assert load_settings().secret_key == "k" * 48
-    assert not (tmp_path / "dev-secret-key").exists()
+    with pytest.raises(ConfigError, match="CXR_DEID_KEY"):
+        load_settings()
+    monkeypatch.setenv("CXR_DEID_KEY", "p" * 48)
+    settings = load_settings()
+    assert settings.secret_key == "k" * 48 and settings.deid_key == "p" * 48
+    assert not (tmp_path / "dev-secret-key").exists() and not (tmp_path / "dev-deid-key").exists()
+
+
+def test_dicom_settings_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AE lists are comma-separated; a destination must be AE@host:port; a bad one names its variable."""
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CXR_DICOM_CALLING_AES", "MODALITY1, PACS ")
+    monkeypatch.setenv("CXR_DICOM_DESTINATION", "PACS@10.0.0.5:104")
+    settings = load_settings()
+    assert settings.dicom_calling_aes == ("MODALITY1", "PACS")
+    assert parse_destination(settings.dicom_destination) == ("PACS", "10.0.0.5", 104)
+    assert len(settings.deid_key) > 40  # the development key, kept in the data dir
+    monkeypatch.setenv("CXR_DICOM_DESTINATION", "pacs:104")
+    with pytest.raises(ConfigError, match="CXR_DICOM_DESTINATION"):
+        load_settings()
 
 
 def test_no_app_is_built_at_import(tmp_path: Path) -> None:

@@ -76,6 +76,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(review.bp)
     app.register_blueprint(registry.bp)
     app.register_blueprint(studies.bp)
+    from web import dicom_results  # SR / Secondary Capture downloads (issue 12)
+
+    app.register_blueprint(dicom_results.bp)
     # flask-smorest registers its own HTTPException handler here; the app's handlers below replace it.
     Api(app).register_blueprint(api.bp)
     csrf.exempt(api.bp)  # bearer tokens, never cookies: CSRF does not apply

@@ -27,6 +27,7 @@ SCREEN_TASK = "cxr.screen_chunk"
 RECONCILE_TASK = "cxr.reconcile"
 RETRAIN_TASK = "cxr.retrain"
 EXPLAIN_TASK = "cxr.explain"
+DICOM_RESULTS_TASK = "cxr.dicom_results"
 INFERENCE_QUEUE = "inference"
 TRAINING_QUEUE = "training"
 # Heat maps: a queue of their own so they never hold up screening (a worker consumes it beside inference).
@@ -131,6 +132,7 @@ def make_celery(settings: Settings | None = None, *, set_as_current: bool = True
             SCREEN_TASK: {"queue": INFERENCE_QUEUE},
             RECONCILE_TASK: {"queue": INFERENCE_QUEUE},
             EXPLAIN_TASK: {"queue": EXPLAIN_QUEUE},
+            DICOM_RESULTS_TASK: {"queue": EXPLAIN_QUEUE},  # needs the Keras model, like heat maps
             "cxr.retrain*": {"queue": TRAINING_QUEUE},
         },
         task_annotations={
@@ -206,6 +208,16 @@ def send_explain(study_ids: Sequence[int], model_version_id: int, *, app: CxrCel
                 declare=[queue],
             )
     return len(chunks)
+
+
+def send_dicom_results(study_ids: Sequence[int], *, app: CxrCelery | None = None) -> None:
+    """Ask for the DICOM results (SR, Grad-CAM SC) of these committed, DONE studies; one task for them all."""
+    ids = sorted(set(int(i) for i in study_ids))
+    if not ids:
+        return
+    app = app or default_app()
+    queue = app.amqp.queues[EXPLAIN_QUEUE]
+    app.send_task(DICOM_RESULTS_TASK, args=[ids], queue=queue, declare=[queue])
 
 
 def enqueue_after_commit(session: Session, study_ids: Sequence[int]) -> str | None:

@@ -11,12 +11,14 @@ from celery.signals import worker_init, worker_process_init, worker_ready
 
 from config import Settings
 from worker.app import (
+    DICOM_RESULTS_TASK,
     EXPLAIN_TASK,
     INFERENCE_QUEUE,
     RECONCILE_TASK,
     RETRAIN_TASK,
     SCREEN_TASK,
     CxrCelery,
+    send_dicom_results,
     send_explain,
     send_screen_chunks,
     settings_of,
@@ -103,6 +105,11 @@ def screen_chunk_task(self, study_ids: list[int]) -> dict[str, int]:  # noqa: AN
     outcome = run_screen_task(
         study_ids, token=self.request.id, settings=settings, enqueue=_enqueue, explain=_explain
     )
+    if outcome.done and settings.dicom_results:
+        from worker.dicom_results import dicom_study_ids
+
+        # After the commit (run_screen_task has committed): the results task must see the DONE rows.
+        send_dicom_results(dicom_study_ids(settings, outcome.done), app=self.app)
     return {"done": len(outcome.done), "failed": len(outcome.failed), "requeued": len(outcome.requeued)}
 
 
@@ -116,6 +123,14 @@ def explain_task(self, study_ids: list[int], model_version_id: int) -> int:  # n
     from worker.explain import run_explain_task
 
     return run_explain_task(study_ids, model_version_id=model_version_id, settings=settings_of(self.app))
+
+
+@shared_task(name=DICOM_RESULTS_TASK)
+def dicom_results_task(study_ids: list[int]) -> dict[str, int]:
+    """Make (and send, when a destination is set) the SR and Grad-CAM SC of finished DICOM studies."""
+    from worker.dicom_results import run_results_task
+
+    return run_results_task(study_ids, settings=_settings())
 
 
 @shared_task(name=RECONCILE_TASK)

@@ -35,6 +35,7 @@ def test_production_cookies_are_secure(
     monkeypatch.setenv("CXR_DATABASE_URL", sqlite_url)
     monkeypatch.setenv("CXR_BROKER_URL", "redis://127.0.0.1:6379/0")
     monkeypatch.setenv("CXR_SECRET_KEY", "s" * 40)
+    monkeypatch.setenv("CXR_DEID_KEY", "d" * 40)
     monkeypatch.setenv("CXR_MAX_UPLOAD_BYTES", "12345")
     app = create_app()
     assert app.config["SESSION_COOKIE_SECURE"] is True

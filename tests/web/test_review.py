@@ -12,9 +12,10 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
 
+from intake.deid import patient_pseudonym
 from store.db import session_scope
 from store.models_registry import promote, register_model_version
-from store.studies import claim_studies, complete_studies, hash_patient_key
+from store.studies import claim_studies, complete_studies
 from store.tables import AuditEvent, Batch, Review, Role, Study, StudyStatus, User
 from store.users import issue_api_token
 from tests.conftest import make_user
@@ -198,4 +199,5 @@ def test_patient_id_at_upload_is_stored_hashed(app: Flask, login: Callable[[str]
     _, (sid,) = new_batch(app, login("alice"), [("a.png", png_bytes(seed=5))], patient_id=" P-77 ")
     with session_scope(url_of(app)) as s:
         study = s.get(Study, sid)
-        assert study.patient_key == hash_patient_key("P-77") and study.status == StudyStatus.QUEUED
+        key = app.extensions["cxr_settings"].deid_key
+        assert study.patient_key == patient_pseudonym(key, "P-77") and study.status == StudyStatus.QUEUED
