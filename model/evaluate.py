@@ -250,6 +250,7 @@ def oof_tables(artifact_dir: Path, candidates: list[str], out: Path) -> list[str
             + " | ".join(cells)
             + f" | {sm['pooled']['ece_calibrated']:.3f} |"
         )
+    lines += _probe_and_loco_tables(candidates)
     meta = json.loads((Path(artifact_dir) / "meta.json").read_text())
     oof = read_oof(Path(artifact_dir) / "oof.csv")
     rep = summarise_oof(
@@ -296,6 +297,51 @@ def oof_tables(artifact_dir: Path, candidates: list[str], out: Path) -> list[str
             f"| {src} | {r['n']} | {truth} | {r['accuracy']:.3f} | {pr['covid']} / {pr['normal']} / "
             f"{pr['pneumonia']} |"
         )
+    return lines
+
+
+def _probe_and_loco_tables(candidates: list[str]) -> list[str]:
+    """Markdown: the source probe on each candidate's OOF features, and leave-one-collection-out results."""
+    lines: list[str] = []
+    probes = {n: REPO_ROOT / "runs" / "cv" / n / "probe.json" for n in candidates}
+    probes = {n: json.loads(p.read_text()) for n, p in probes.items() if p.exists()}
+    if probes:
+        lines += [
+            "",
+            "## Source probe on out-of-fold features (`python -m model.cv --name NAME --probe`)",
+            "",
+            "Logistic regression predicting the collection from each fold network's pooled features on its "
+            "held-out fold. Balanced accuracy far above chance within one class = the features encode the "
+            "collection.",
+            "",
+            "| candidate | subset | n | balanced accuracy | balanced chance |",
+            "|---|---|---|---|---|",
+        ]
+        for n, res in probes.items():
+            for sub, r in res.items():
+                lines.append(
+                    f"| {n} | {sub} | {r['n']} | {r['balanced_accuracy']:.3f} | {r['balanced_chance']:.3f} |"
+                )
+    for path in sorted((REPO_ROOT / "runs" / "loco").glob("*/loco.json")):
+        res = json.loads(path.read_text())
+        lines += [
+            "",
+            f"## Leave one collection out: {res['name']} (`python -m model.cv --name {res['name']} --loco`)",
+            "",
+            "Trained on train+val without the collection, scored on all of its train+val images.",
+            "",
+            "| left out | n | truth | accuracy | recall per class | macro-F1 (its classes) | predicted c/n/p "
+            "|",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c, r in res["results"].items():
+            truth = ", ".join(f"{k} {v}" for k, v in r["truth"].items())
+            rec = ", ".join(f"{k} {v:.2f}" for k, v in r["recall"].items())
+            pr = r["predicted"]
+            lines.append(
+                f"| {c} | {r['n']} | {truth} | {r['accuracy']:.3f} | {rec} | {r['macro_f1_present']:.3f} | "
+                f"{pr['covid']}/{pr['normal']}/{pr['pneumonia']} |"
+            )
     return lines
 
 
