@@ -81,3 +81,29 @@ def test_thresholds_from_oof_meet_the_band_targets_they_were_fitted_for() -> Non
     assert rep["bands"][BAND_NORMAL]["precision"] >= 0.95
     assert abs(sum(b["share"] for b in rep["bands"].values()) - 1.0) < 1e-9
     assert set(rep["per_fold"]) == set(range(5))
+
+
+def test_a_sweep_is_adopted_only_when_it_trained_exactly_the_recipe(tmp_path) -> None:
+    """`cxr model train --reuse-cv` copies fold networks of the same configuration and refuses any other."""
+    import json
+    from dataclasses import asdict
+
+    import pytest
+
+    from model.cv import CV_SEED
+    from model.pipeline import Recipe, _adopt_sweep_folds
+
+    recipe = Recipe(arch="tiny", epochs=3)
+    cfg = recipe.train_config()
+    sweep, runs = tmp_path / "sweep", tmp_path / "runs"
+    (sweep / "fold0").mkdir(parents=True)
+    (sweep / "fold0" / "model.keras").write_bytes(b"weights")
+    runs.mkdir()
+    conf = {"name": "s", "k": 5, "cv_seed": CV_SEED, "lung_crop": False, **asdict(cfg)}
+    (sweep / "config.json").write_text(json.dumps(conf))
+    _adopt_sweep_folds(sweep, runs, cfg, 5, lambda m: None)
+    assert (runs / "fold0" / "model.keras").read_bytes() == b"weights"
+    for change in ({"epochs": 4}, {"label_smoothing": 0.1}, {"lung_crop": True}, {"cv_seed": 1}):
+        (sweep / "config.json").write_text(json.dumps({**conf, **change}))
+        with pytest.raises(ValueError, match="another configuration"):
+            _adopt_sweep_folds(sweep, tmp_path / "other", cfg, 5, lambda m: None)
