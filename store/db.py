@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -12,6 +13,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 _engines: dict[str, tuple[int, Engine]] = {}
+# Threads share the cache (the DICOM receiver's association threads, the web's request threads): one lock, so
+# two threads never build two engines for one URL and dispose_all never iterates while another thread inserts.
+_engines_lock = threading.Lock()
 
 
 def make_engine(url: str) -> Engine:
@@ -41,19 +45,25 @@ def get_engine(url: str) -> Engine:
     cached = _engines.get(url)
     if cached and cached[0] == pid:
         return cached[1]
-    if cached:
-        # Inherited across fork: drop the pool without closing the parent's sockets.
-        cached[1].dispose(close=False)
-    engine = make_engine(url)
-    _engines[url] = (pid, engine)
-    return engine
+    with _engines_lock:
+        cached = _engines.get(url)
+        if cached and cached[0] == pid:
+            return cached[1]
+        if cached:
+            # Inherited across fork: drop the pool without closing the parent's sockets.
+            cached[1].dispose(close=False)
+        engine = make_engine(url)
+        _engines[url] = (pid, engine)
+        return engine
 
 
 def dispose_all() -> None:
     """Dispose every cached engine (tests, shutdown)."""
-    for _pid, engine in _engines.values():
+    with _engines_lock:
+        engines = list(_engines.values())
+        _engines.clear()
+    for _pid, engine in engines:
         engine.dispose()
-    _engines.clear()
 
 
 def session_factory(url: str) -> sessionmaker[Session]:
