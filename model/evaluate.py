@@ -231,9 +231,9 @@ def oof_tables(artifact_dir: Path, candidates: list[str], out: Path) -> list[str
         "",
         "Mean ± sd over folds of each fold network on its held-out fold (arg-max class, threshold-free).",
         "",
-        "| candidate | arch | epochs | label smoothing | accuracy | macro-F1 | COVID AUROC "
-        "| COVID sens @ 90% spec | COVID sens @ 95% spec | pooled ECE after T |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| candidate | arch | epochs | label smoothing | lung crop | folds done | accuracy | macro-F1 "
+        "| COVID AUROC | COVID sens @ 90% spec | COVID sens @ 95% spec | pooled ECE after T |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in candidates:
         path = REPO_ROOT / "runs" / "cv" / name / "summary.json"
@@ -247,6 +247,7 @@ def oof_tables(artifact_dir: Path, candidates: list[str], out: Path) -> list[str
         ]
         lines.append(
             f"| {name} | {c['arch']} | {c['epochs']} | {c.get('label_smoothing', 0)} | "
+            f"{'yes' if c.get('lung_crop') else 'no'} | {len(sm['folds_done'])} of 5 | "
             + " | ".join(cells)
             + f" | {sm['pooled']['ece_calibrated']:.3f} |"
         )
@@ -382,7 +383,7 @@ def evaluate_report(
         else sorted(p.parent.name for p in (REPO_ROOT / "runs" / "cv").glob("*/summary.json"))
     )
     lines = [
-        "# Evaluation: out-of-fold predictions, then one read of the test split",
+        "# Evaluation: out-of-fold predictions" + (", then one read of the test split" if read_test else ""),
         "",
         f"Generated {dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()} by `cxr model evaluate`.",
         "",
@@ -391,7 +392,8 @@ def evaluate_report(
         "![reliability (out-of-fold)](reliability_oof.png)",
     ]
     if not read_test:
-        report = out / "evaluation.md"
+        # without a test read the report has its own name, so the logged test read is never overwritten
+        report = out / "oof_report.md"
         report.write_text("\n".join(lines) + "\n")
         return report
     split = read_split(split_path)

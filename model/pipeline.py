@@ -75,7 +75,7 @@ class Recipe:
 
 
 # The recipe of the committed model, chosen on out-of-fold predictions (docs/model.md has the table).
-SHIPPED_RECIPE = Recipe(arch="cxr_slim", epochs=30)
+SHIPPED_RECIPE = Recipe(arch="cxr_slim", epochs=30, label_smoothing=0.1)
 
 
 @dataclass(frozen=True)
