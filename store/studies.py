@@ -312,7 +312,8 @@ def reconcile(
     """Requeue studies whose lease ran out (QUEUED never picked up, RUNNING whose worker died).
 
     Only studies of started batches are QUEUED or RUNNING; a batch never started keeps its studies RECEIVED
-    and the reconciler leaves them alone. Returns the ids to enqueue again; the caller commits first. Studies out of attempts are FAILED.
+    and the reconciler leaves them alone. Returns the ids to enqueue again; the caller commits first. Studies
+    out of attempts are FAILED.
     """
     now = now or utcnow()
     expired = or_(

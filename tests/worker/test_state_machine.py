@@ -184,16 +184,19 @@ def test_submit_with_start_commits_the_studies_already_queued(db_url: str) -> No
     settings = load_settings()
     with session_scope(db_url) as session:
         owner = create_user(session, username="starter", password="correct horse battery")
-        with mock.patch.object(batches.queue, "send_screen_chunks", side_effect=SystemExit("web died")):
-            with pytest.raises(SystemExit):
-                batches.submit_batch(
-                    session,
-                    owner=owner,
-                    name="b",
-                    notes="",
-                    files=[("a.png", png_bytes())],
-                    settings=settings,
-                )
+        died = SystemExit("web died")
+        with (
+            mock.patch.object(batches.queue, "send_screen_chunks", side_effect=died),
+            pytest.raises(SystemExit),
+        ):
+            batches.submit_batch(
+                session,
+                owner=owner,
+                name="b",
+                notes="",
+                files=[("a.png", png_bytes())],
+                settings=settings,
+            )
         session.rollback()
         study = session.scalars(select(Study).join(Batch).where(Batch.owner_id == owner.id)).one()
         assert study.status == StudyStatus.QUEUED
