@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 512 * 1024 * 1024
     max_files_per_upload: int = 1000
     max_image_pixels: int = 50_000_000
+    tls: bool = False  # the site is served over HTTPS (at a proxy): send HSTS, secure cookies
     retrain_cron: str = "0 2 * * *"
     retrain_epochs: int = 30
     retrain_seeds: Annotated[tuple[int, ...], NoDecode] = (1,)

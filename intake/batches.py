@@ -132,7 +132,9 @@ def submit_batch(
         target=f"batch:{batch.id}",
         details={"studies": len(ids), "failed": n_failed},
     )
-    # Commit the batch and its studies before anything is queued: nothing is lost if the broker is down.
-    session.commit()
+    # The studies are stored and (start=True) marked QUEUED in one transaction, committed before anything is
+    # sent: nothing is lost if the broker is down or this process dies, and the reconciler (which only
+    # touches QUEUED and RUNNING studies) re-sends them after their lease. Without start they stay RECEIVED.
     started = start_batch(session, batch=batch, settings=settings) if start else StartResult()
+    session.commit()
     return SubmitResult(batch=batch, study_ids=ids, failed=n_failed, start=started)

@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 
 THUMBNAIL_SIDE = 160
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Control characters, and the bidirectional controls (U+202A-202E, U+2066-2069, U+200E/200F) that can make
+# "evil\u202egnp.exe" display as "evilexe.png": removed from every stored (hence displayed) file name.
+_CONTROL = re.compile("[\x00-\x1f\x7f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 # macOS archive litter: not images, and failing each of them would only bury the real results.
 _ZIP_JUNK = re.compile(r"(^|/)(__MACOSX/|\.DS_Store$|\._)")
 

@@ -311,16 +311,17 @@ def reconcile(
 ) -> list[int]:
     """Requeue studies whose lease ran out (QUEUED never picked up, RUNNING whose worker died).
 
-    Returns the ids to enqueue again; the caller commits first. Studies out of attempts are FAILED.
+    Only studies of started batches are QUEUED or RUNNING; a batch never started keeps its studies RECEIVED
+    and the reconciler leaves them alone. Returns the ids to enqueue again; the caller commits first. Studies
+    out of attempts are FAILED.
     """
     now = now or utcnow()
     expired = or_(
         and_(Study.status == StudyStatus.QUEUED, Study.lease_expires_at < now),
         and_(Study.status == StudyStatus.RUNNING, Study.lease_expires_at < now),
-        # RECEIVED left behind by a web process that died between commit and enqueue.
-        and_(
-            Study.status == StudyStatus.RECEIVED, Study.created_at < now - timedelta(seconds=queued_lease_s)
-        ),
+        # RECEIVED is never touched: it means the batch was not started (created through the API without
+        # `start`). Starting marks studies QUEUED in the same transaction that stores them (submit_batch) or
+        # in one of its own (start_batch), so a web process dying before the enqueue leaves them QUEUED.
     )
     _fail_out_of_attempts(session, expired, max_attempts, now)
     return sorted(
@@ -334,6 +335,7 @@ def reconcile(
                 updated_at=now,
             )
             .returning(Study.id)
+            .execution_options(synchronize_session=False)
         ).scalars()
     )
 

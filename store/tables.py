@@ -82,6 +82,9 @@ class User(Base):
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
     # Set by an admin's password reset (and for the first admin): the next sign-in must choose a new one.
     must_change_password: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # In every session id: bumped by logout, password change, disable and token revoke, so every session
+    # issued before ends at its next request (the cookie alone is not enough to stay signed in).
+    session_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     batches: Mapped[list[Batch]] = relationship(back_populates="owner", foreign_keys="Batch.owner_id")

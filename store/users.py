@@ -94,12 +94,23 @@ def ensure_service_user(session: Session, *, username: str) -> User:
     return user
 
 
+_DUMMY_HASH: list[str] = []
+
+
+def _dummy_hash() -> str:
+    """A hash of a random password made once per process: unknown users cost one verify, like known ones."""
+    if not _DUMMY_HASH:
+        _DUMMY_HASH.append(hash_password(secrets.token_urlsafe(16)))
+    return _DUMMY_HASH[0]
+
+
 def authenticate(session: Session, *, username: str, password: str) -> User | None:
     """The active user with these credentials, or None; an old-format hash is upgraded (caller commits)."""
     user = session.scalar(select(User).where(User.username == username.strip()))
     if user is None or not user.is_active:
-        # Spend the same time as a real check so user names cannot be probed by timing.
-        verify_password(hash_password("x" * 10), password)
+        # Exactly one verify against a hash of the same kind, so user names cannot be probed by timing
+        # (hashing a dummy here as well made unknown names take two hashes' time).
+        verify_password(_dummy_hash(), password)
         return None
     if not verify_password(user.password_hash, password):
         return None
@@ -145,6 +156,7 @@ def set_password(session: Session, *, user: User, password: str, changed_by: int
         raise UserError(f"password must be at least {MIN_PASSWORD} characters")
     user.password_hash = hash_password(password)
     user.must_change_password = False
+    end_sessions(session, user=user)
     record_event(session, user_id=changed_by, action="user.password", target=f"user:{user.id}")
 
 
@@ -165,6 +177,7 @@ def reset_password(session: Session, *, user: User, admin: User) -> str:
     temporary = secrets.token_urlsafe(12)
     user.password_hash = hash_password(temporary)
     user.must_change_password = True
+    end_sessions(session, user=user)
     record_event(session, user_id=admin.id, action="user.password_reset", target=f"user:{user.id}")
     return temporary
 
@@ -176,6 +189,8 @@ def set_active(session: Session, *, user: User, active: bool, admin: User) -> No
     if user.is_active == active:
         return
     user.is_active = active
+    if not active:
+        end_sessions(session, user=user)
     record_event(
         session,
         user_id=admin.id,
@@ -193,3 +208,17 @@ def get_user(session: Session, *, user_id: int) -> User | None:
 def list_users(session: Session) -> list[User]:
     """All accounts, oldest first."""
     return list(session.scalars(select(User).order_by(User.id)))
+
+
+def end_sessions(session: Session, *, user: User) -> None:
+    """Every session of this user issued so far ends at its next request (the caller commits)."""
+    user.session_generation = (user.session_generation or 0) + 1
+
+
+def revoke_api_token(session: Session, *, user: User) -> bool:
+    """Remove the user's API token (it stops working at the next request); False when there was none."""
+    if user.api_token_hash is None:
+        return False
+    user.api_token_hash = None
+    record_event(session, user_id=user.id, action="user.api_token_revoke", target=f"user:{user.id}")
+    return True

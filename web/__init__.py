@@ -42,7 +42,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         MAX_FORM_PARTS=settings.max_files_per_upload + 50,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
-        SESSION_COOKIE_SECURE=settings.env == "production",
+        SESSION_COOKIE_SECURE=settings.env == "production" or settings.tls,
         REMEMBER_COOKIE_HTTPONLY=True,
         REMEMBER_COOKIE_SAMESITE="Lax",
         REMEMBER_COOKIE_SECURE=settings.env == "production",
@@ -106,6 +106,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
             "frame-ancestors 'none'",
         )
+        if settings.tls:  # only when the site is known to be on HTTPS: HSTS over plain HTTP would lock it out
+            resp.headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
         return resp
 
     def _wants_json() -> bool:

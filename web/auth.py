@@ -18,8 +18,10 @@ from store.users import (
     UserError,
     authenticate,
     change_own_password,
+    end_sessions,
     get_user,
     issue_api_token,
+    revoke_api_token,
 )
 from web.common import ActionForm
 from web.db import get_db
@@ -48,17 +50,21 @@ class LoginUser(UserMixin):
         return self.row.is_admin
 
     def get_id(self) -> str:
-        """Session id that also changes with the password, so a password change signs out old sessions."""
-        return f"{self.row.id}:{self.row.password_hash[-12:]}"
+        """Session id: changes with the password and the user's session generation (logout, disable, revoke
+        and password changes bump it), so every session issued before ends at its next request."""
+        return f"{self.row.id}:{self.row.password_hash[-12:]}:{self.row.session_generation or 0}"
 
 
 @login_manager.user_loader
 def _load_user(session_id: str) -> LoginUser | None:
-    user_id, _, fingerprint = session_id.partition(":")
+    user_id, _, rest = session_id.partition(":")
+    fingerprint, _, generation = rest.rpartition(":")
     if not user_id.isdigit():
         return None
     row = get_user(get_db(), user_id=int(user_id))
     if row is None or not row.is_active or row.password_hash[-12:] != fingerprint:
+        return None
+    if generation != str(row.session_generation or 0):
         return None
     return LoginUser(row)
 
@@ -166,6 +172,8 @@ def logout() -> Response:
     if form.validate_on_submit():
         db = get_db()
         record_event(db, user_id=current_user.id, action="auth.logout", target=f"user:{current_user.id}")
+        # A copied session cookie must not outlive the logout: every session of this user ends.
+        end_sessions(db, user=current_row())
         db.commit()
         logout_user()
         flash("Signed out.", "info")
@@ -185,3 +193,16 @@ def account() -> str:
     return render_template(
         "account.html", form=form, token=token, has_token=bool(current_row().api_token_hash)
     )
+
+
+@bp.route("/account/token/revoke", methods=["POST"])
+@login_required
+def revoke_token() -> Response:
+    """Revoke one's own API token (POST, CSRF-checked): it stops working at the next request."""
+    form = ActionForm()
+    if form.validate_on_submit():
+        db = get_db()
+        revoked = revoke_api_token(db, user=current_row())
+        db.commit()
+        flash("API token revoked." if revoked else "There was no API token to revoke.", "info")
+    return redirect(url_for("auth.account"))

@@ -366,7 +366,9 @@ def test_valid_structure_garbage_pixels_fails_in_the_worker(batch_session, setti
 
     session, batch = batch_session
     url = session.get_bind().url.render_as_string(hide_password=False)
-    good = jpeg_bytes(256, 256)
+    from tests.procs import sample_images
+
+    good = sample_images(1)[0][1]  # a real film: a gradient would now be refused by the validity gate
     ids = ingest_files(
         session, batch=batch, files=[("ok.jpg", good), ("bad.png", garbage_idat_png())], settings=settings
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import func, select, update
 
 from store.db import session_scope
@@ -16,7 +17,7 @@ from store.studies import (
     reconcile,
     release_studies,
 )
-from store.tables import Prediction, Study, StudyStatus, utcnow
+from store.tables import Batch, Prediction, Study, StudyStatus, utcnow
 from tests.worker.conftest import Seeded, seed
 
 LEASE = 60
@@ -159,13 +160,50 @@ def test_reconcile_requeues_expired_and_fails_exhausted(seeded: Seeded) -> None:
         assert reconcile(s, queued_lease_s=600, max_attempts=2) == [], "requeued ones have a fresh lease"
 
 
-def test_reconcile_picks_up_received_left_by_a_dead_web_process(db_url: str) -> None:
-    """A study committed RECEIVED but never enqueued (web died in between) is queued after the lease."""
-    s = seed(db_url, [b"x"], queued=False)
+def test_reconcile_leaves_studies_of_a_batch_never_started_alone(db_url: str) -> None:
+    """RECEIVED studies (a batch created without `start`) are never queued by the reconciler, however old."""
+    s = seed(db_url, [b"x", b"y"], queued=False)
     with session_scope(db_url) as session:
-        assert reconcile(session, queued_lease_s=600, max_attempts=3) == []
-        later = utcnow() + timedelta(seconds=601)
-        assert reconcile(session, queued_lease_s=600, max_attempts=3, now=later) == s.study_ids
+        for days in (0, 1, 30):
+            later = utcnow() + timedelta(days=days, seconds=601)
+            assert reconcile(session, queued_lease_s=600, max_attempts=3, now=later) == []
+        session.commit()
+    assert {st for st, *_ in _states(db_url, s.study_ids).values()} == {StudyStatus.RECEIVED}
+
+
+def test_submit_with_start_commits_the_studies_already_queued(db_url: str) -> None:
+    """submit_batch stores and queues in one transaction: a web process dying before the send leaves QUEUED
+    studies (which the reconciler re-sends), never RECEIVED ones of a started batch."""
+    from unittest import mock
+
+    from config import load_settings
+    from intake import batches
+    from store.users import create_user
+    from tests.web.conftest import png_bytes
+
+    settings = load_settings()
+    with session_scope(db_url) as session:
+        owner = create_user(session, username="starter", password="correct horse battery")
+        died = SystemExit("web died")
+        with (
+            mock.patch.object(batches.queue, "send_screen_chunks", side_effect=died),
+            pytest.raises(SystemExit),
+        ):
+            batches.submit_batch(
+                session,
+                owner=owner,
+                name="b",
+                notes="",
+                files=[("a.png", png_bytes())],
+                settings=settings,
+            )
+        session.rollback()
+        study = session.scalars(select(Study).join(Batch).where(Batch.owner_id == owner.id)).one()
+        assert study.status == StudyStatus.QUEUED
+        later = utcnow() + timedelta(seconds=settings.queued_lease_s + 1)
+        assert reconcile(session, queued_lease_s=settings.queued_lease_s, max_attempts=3, now=later) == [
+            study.id
+        ]
 
 
 def test_mark_queued_only_moves_received(db_url: str) -> None:
