@@ -71,6 +71,36 @@ BAND_NORMAL = "likely normal"
 BAND_REFER = "refer to a radiologist"
 # The four triage bands, as model/calibrate.py names them (store may not import model/): the legend's order.
 BANDS = (BAND_COVID, BAND_PNEUMONIA, BAND_NORMAL, BAND_REFER)
+
+# What each triage band means when the model version that made a prediction carries no legend of its own
+# (artifacts from before meta["band_legend"]); the one generic text, used by every page, export and PDF.
+GENERIC_BAND_LEGEND: dict[str, str] = {
+    BAND_COVID: "The COVID-19 probability is above the model's COVID-19 threshold, which is set "
+    "low to miss few COVID-19 studies, so many of these are not COVID-19. The finding shown is COVID-19.",
+    BAND_PNEUMONIA: "Not COVID-19 suspected; the pneumonia probability is above the model's pneumonia "
+    "threshold. The finding shown is pneumonia.",
+    BAND_NORMAL: "Not COVID-19 suspected; the normal probability is above the model's normal threshold, "
+    "set so that few abnormal studies land here.",
+    BAND_REFER: "The model is unsure: no band's threshold is met. A radiologist should read the study.",
+}
+
+
+def legend_of(stored: dict[str, str] | None) -> dict[str, str]:
+    """Band -> meaning, in the bands' order: a model version's own legend, else the generic one."""
+    legend = dict(GENERIC_BAND_LEGEND)
+    if stored:
+        legend.update({band: text for band, text in stored.items() if text})
+    return legend
+
+
+def row_legends(session: Session, rows: list[dict[str, Any]]) -> dict[int, dict[str, str]]:
+    """The legend of every model version that made one of these rows' predictions (by version id)."""
+    from store.models_registry import band_legends
+
+    ids = sorted({int(r["model_version_id"]) for r in rows if r.get("model_version_id")})
+    return {vid: legend_of(stored) for vid, stored in band_legends(session, version_ids=ids).items()}
+
+
 # "Needs review first": the unsure ones, then COVID-19 suspected, then the rest; screened before unscreened.
 PRIORITY = {BAND_REFER: 0, BAND_COVID: 1, BAND_PNEUMONIA: 2, BAND_NORMAL: 3}
 SORTS = ("priority", "id", "file", "class", "p_covid", "p_normal", "p_pneumonia", "band", "status", "review")
@@ -328,6 +358,7 @@ def batch_payload(session: Session, *, batch: Batch, query: ReportQuery | None =
     """
     progress = batch_progress(session, batch_ids=[batch.id])[batch.id]
     page = report_page(session, batch=batch, query=query)
+    legends = row_legends(session, page.rows)
     studies = [
         {k: v for k, v in row.items() if k not in ("has_thumbnail", "model_version_id")} for row in page.rows
     ]
@@ -350,5 +381,12 @@ def batch_payload(session: Session, *, batch: Batch, query: ReportQuery | None =
         "page": page.page,
         "per_page": page.per_page,
         "pages": page.pages,
+        # what each band means, per model version that made a prediction here (every report carries it)
+        "band_legend": {
+            row["model_version"]: legends[int(row["model_version_id"])]
+            for row in page.rows
+            if row.get("model_version_id") and int(row["model_version_id"]) in legends
+        }
+        or {"generic": legend_of(None)},
         "studies": studies,
     }

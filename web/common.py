@@ -16,7 +16,7 @@ from flask_wtf import FlaskForm
 from markupsafe import Markup
 from werkzeug.datastructures import FileStorage
 
-from store.reports import ReportQuery
+from store.reports import ReportQuery, legend_of
 from store.tables import Role
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -102,26 +102,9 @@ def uploaded_files(storages: list[FileStorage]) -> list[tuple[str, bytes]]:
     return out
 
 
-# What each triage band means when the model version that made a prediction carries no legend of its own
-# (artifacts from before meta["band_legend"]); the one generic text, used by every page and the PDFs.
-GENERIC_BAND_LEGEND: dict[str, str] = {
-    "COVID-19 suspected": "The COVID-19 probability is above the model's COVID-19 threshold, which is set "
-    "low to miss few COVID-19 studies, so many of these are not COVID-19. The finding shown is COVID-19.",
-    "pneumonia suspected": "Not COVID-19 suspected; the pneumonia probability is above the model's pneumonia "
-    "threshold. The finding shown is pneumonia.",
-    "likely normal": "Not COVID-19 suspected; the normal probability is above the model's normal threshold, "
-    "set so that few abnormal studies land here.",
-    "refer to a radiologist": "The model is unsure: no band's threshold is met. A radiologist should read "
-    "the study.",
-}
-
-
 def band_legend(stored: dict[str, str] | None) -> list[tuple[str, str]]:
     """(band, meaning) in the bands' order: a model version's own legend, else the generic one."""
-    legend = dict(GENERIC_BAND_LEGEND)
-    if stored:
-        legend.update({band: text for band, text in stored.items() if text})
-    return list(legend.items())
+    return list(legend_of(stored).items())
 
 
 def band_slug(band: str | None) -> str:

@@ -22,7 +22,9 @@ from store.reports import (
     ReportQuery,
     batch_payload,
     batch_summary,
+    legend_of,
     report_page,
+    row_legends,
     stored_thumbnails,
     study_dicts,
 )
@@ -53,6 +55,7 @@ CSV_COLUMNS = (
     "p_normal",
     "p_pneumonia",
     "triage",
+    "triage_meaning",
     "model_version",
     "error",
     "review_label",
@@ -75,8 +78,12 @@ def batch_csv(session: Session, *, batch: Batch) -> str:
     writer = csv.writer(buf)
     writer.writerow(CSV_COLUMNS)
     extra = {"batch_id": batch.id, "exported_at": datetime.now(UTC).isoformat(), "notice": NOTICE}
-    for row in study_dicts(session, batch=batch):
-        writer.writerow([_csv_cell({**row, **extra}[c]) for c in CSV_COLUMNS])
+    rows = study_dicts(session, batch=batch)
+    legends = row_legends(session, rows)
+    for row in rows:
+        legend = legends.get(int(row["model_version_id"] or 0)) or legend_of(None)
+        meaning = {"triage_meaning": legend.get(row["triage"], "") if row.get("triage") else ""}
+        writer.writerow([_csv_cell({**row, **extra, **meaning}[c]) for c in CSV_COLUMNS])
     return buf.getvalue()
 
 

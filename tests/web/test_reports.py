@@ -14,6 +14,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from store.db import session_scope
+from store.reports import BANDS
 from store.studies import claim_studies, complete_studies
 from store.tables import ModelVersion, Study, StudyStatus
 from tests.web.conftest import corrupt_png, png_bytes, upload
@@ -79,7 +80,7 @@ def test_csv_export(app: Flask, login: Callable[[str], FlaskClient]) -> None:
     # A plain header row first (no comment line a spreadsheet reads as data); provenance in columns.
     header, body = rows[0], [dict(zip(rows[0], r, strict=True)) for r in rows[1:]]
     assert header[:4] == ["batch_id", "study_id", "file_name", "status"]
-    assert {"exported_at", "notice", "model_version"} <= set(header)
+    assert {"exported_at", "notice", "model_version", "triage_meaning"} <= set(header)
     assert len(body) == 3
     assert {r["notice"] for r in body} == {NOTICE} and {r["batch_id"] for r in body} == {str(batch_id)}
     assert all(r["exported_at"].endswith("+00:00") for r in body)
@@ -109,6 +110,9 @@ def test_json_export_and_progress(app: Flask, login: Callable[[str], FlaskClient
         "queued": 1,
         "finished": False,
     }
+    # every report carries what the bands mean: here the generic legend (the test version has none of its own)
+    assert list(data["band_legend"]) == ["test-v1"]
+    assert set(data["band_legend"]["test-v1"]) == set(BANDS)
     by_id = {s["study_id"]: s for s in data["studies"]}
     assert by_id[sid]["p_covid"] == 0.1 and by_id[sid]["predicted_class"] == "pneumonia"
     assert client.get(f"/batches/{batch_id}/progress.json").get_json()["done"] == 1

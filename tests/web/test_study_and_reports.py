@@ -17,12 +17,12 @@ from sqlalchemy import func, select
 from store.db import session_scope
 from store.heatmaps import save_heatmap
 from store.models_registry import register_model_version
+from store.reports import GENERIC_BAND_LEGEND
 from store.studies import claim_studies, complete_studies
 from store.tables import AuditEvent, Image, Study, User
 from store.users import issue_api_token
 from tests.conftest import IN_CI
 from tests.web.conftest import PASSWORD, corrupt_png, png_bytes, sign_in, upload
-from web.common import GENERIC_BAND_LEGEND
 from web.reports import NOTICE
 
 COVID, PNEU, NORMAL, REFER = (
