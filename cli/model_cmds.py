@@ -228,9 +228,11 @@ def _collect(paths: tuple[Path, ...]) -> list[Path]:
 def predict_command(paths: tuple[Path, ...], fmt: str, model_dir: Path | None) -> None:
     """Screen image files or folders (recursive) with the serving model; one row per image on stdout.
 
-    Unreadable files get label "error" and empty probabilities, and their reason goes to stderr; the exit
-    status is 1 only when no file at all could be read.
+    Unreadable files, and images the validity gate refuses (not a chest X-ray, corrupt data), get label
+    "error", empty probabilities and their reason on stderr (one line each); the exit status is 1 only when no
+    file at all could be read.
     """
+    from intake.validity import refusals
     from model.preprocess import ImageDecodeError
     from model.serve import load_predictor
 
@@ -248,7 +250,12 @@ def predict_command(paths: tuple[Path, ...], fmt: str, model_dir: Path | None) -
             except OSError as exc:
                 datas.append(b"")
                 click.echo(f"{f}: {exc}", err=True)
-        for f, res in zip(chunk, predictor.predict_bytes(datas), strict=True):
+        # the same validity gate as the worker: what is not a chest X-ray gets no finding
+        refused = refusals(dict(enumerate(datas)))
+        results = predictor.predict_bytes([b"" if i in refused else d for i, d in enumerate(datas)])
+        for i, (f, res) in enumerate(zip(chunk, results, strict=True)):
+            if i in refused:
+                res = ImageDecodeError(refused[i])
             if isinstance(res, ImageDecodeError):
                 click.echo(f"{f}: {res}", err=True)
                 rows.append(

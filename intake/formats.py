@@ -15,6 +15,7 @@ Imports only numpy, OpenCV and pydicom: no Flask, no SQL, no TensorFlow, nothing
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
 import zlib
@@ -26,6 +27,11 @@ os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(DECODER_PIXEL_CEILING))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+
+# Decoder chatter ("Corrupt JPEG data: ...", pydicom's traceback for a bad codestream) would put a warning or
+# a traceback on stderr for one bad file; our own code reports each failure as one readable line instead.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+logging.getLogger("pydicom.pixels.decoders.base").setLevel(logging.CRITICAL)
 
 DEFAULT_MAX_PIXELS = 50_000_000
 MIN_IMAGE_SIDE = 8  # decode_image refuses anything smaller

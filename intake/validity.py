@@ -20,7 +20,10 @@ rates (real films, and each kind of non-film) are in docs/validity.md.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -34,6 +37,9 @@ from intake.formats import (
     sniff_format,
 )
 from intake.validity_weights import BIAS, THRESHOLD, WEIGHTS
+
+log = logging.getLogger("cxr.validity")
+K = TypeVar("K", bound=Hashable)
 
 GATE_SIDE = 256  # the gate looks at a thumbnail whose longest side is about this
 THUMB = 32  # resized to THUMB x THUMB, standardised, then 2 x 2 mean-pooled to 16 x 16 for the linear score
@@ -290,3 +296,24 @@ def assess_bytes(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Verdic
         return _refuse("corrupt")
     gray, colour = gate_image(data, max_pixels=max_pixels)
     return assess_gray(gray, colour=colour)
+
+
+def refusals(images: Mapping[K, bytes], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[K, str]:
+    """{key: readable reason} for the images the gate refuses (the worker and `cxr predict` both ask it).
+
+    An image the gate cannot decode is left to the model, whose decoder gives the reason (the same words as
+    before the gate existed); an unexpected error in the gate refuses the image rather than score it.
+    """
+    refused: dict[K, str] = {}
+    for key, data in images.items():
+        try:
+            verdict = assess_bytes(data, max_pixels=max_pixels)
+        except ImageDecodeError:
+            continue
+        except Exception as exc:  # noqa: BLE001 - one odd file must not take the chunk down
+            log.warning("validity gate failed on %s: %s: %s", key, type(exc).__name__, exc)
+            refused[key] = NOT_ASSESSABLE + f"the image could not be checked ({type(exc).__name__})."
+            continue
+        if not verdict.ok:
+            refused[key] = verdict.reason or NOT_ASSESSABLE
+    return refused

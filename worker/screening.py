@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from config import Settings
+from intake.validity import refusals
 from store.db import session_scope
 from store.models_registry import register_model_version, serving_version
 from store.studies import (
@@ -192,30 +193,6 @@ def split_suspects(
     return ([fresh] if fresh else []) + [[i] for i in suspects]
 
 
-def validity_refusals(images: dict[int, bytes], *, max_pixels: int) -> dict[int, str]:
-    """{study id: readable reason} for the images the validity gate (intake.validity) refuses.
-
-    An image the gate cannot decode is left to the model, whose decoder gives the reason (the same words
-    as before the gate existed); an unexpected error in the gate refuses the image rather than score it.
-    """
-    from intake.formats import ImageDecodeError
-    from intake.validity import NOT_ASSESSABLE, assess_bytes
-
-    refused: dict[int, str] = {}
-    for sid, data in images.items():
-        try:
-            verdict = assess_bytes(data, max_pixels=max_pixels)
-        except ImageDecodeError:
-            continue
-        except Exception as exc:  # noqa: BLE001 - one odd file must not take the chunk down
-            log.warning("validity gate failed on study %s: %s: %s", sid, type(exc).__name__, exc)
-            refused[sid] = NOT_ASSESSABLE + f"the image could not be checked ({type(exc).__name__})."
-            continue
-        if not verdict.ok:
-            refused[sid] = verdict.reason or NOT_ASSESSABLE
-    return refused
-
-
 def screen_chunk(
     session: Session,
     *,
@@ -255,9 +232,7 @@ def screen_chunk(
             if not images.get(sid) and fail_study(session, study_id=sid, token=token, reason=NO_IMAGE_REASON):
                 outcome.failed.append(sid)
         # What is not a chest X-ray gets no finding at all: the validity gate runs before the model.
-        refused = validity_refusals(
-            {sid: images[sid] for sid in runnable}, max_pixels=settings.max_image_pixels
-        )
+        refused = refusals({sid: images[sid] for sid in runnable}, max_pixels=settings.max_image_pixels)
         for sid, reason in refused.items():
             if fail_study(session, study_id=sid, token=token, reason=reason):
                 outcome.failed.append(sid)
