@@ -189,8 +189,10 @@ def colour_fraction(bgr: np.ndarray) -> float:
     """Share of pixels whose channels differ by more than COLOUR_CHROMA (0 for a grey image)."""
     if bgr.ndim != 3 or bgr.shape[2] < 3:
         return 0.0
-    chroma = bgr[:, :, :3].max(axis=2).astype(np.int16) - bgr[:, :, :3].min(axis=2)
-    return float((chroma > COLOUR_CHROMA * 255).mean())
+    # OpenCV's per-pixel max/min: the same numbers as numpy's axis-2 reductions at a tenth of the time
+    b, g, r = cv2.split(np.ascontiguousarray(bgr[:, :, :3]))
+    chroma = cv2.subtract(cv2.max(cv2.max(b, g), r), cv2.min(cv2.min(b, g), r))
+    return float(cv2.countNonZero((chroma > COLOUR_CHROMA * 255).view(np.uint8)) / chroma.size)
 
 
 def _flat_lines(g: np.ndarray) -> np.ndarray:
@@ -240,7 +242,7 @@ def assess_gray(gray: np.ndarray, *, colour: float = 0.0) -> Verdict:
     spread = float(hi - lo)
     if spread < BLANK_SPREAD:
         return _refuse("blank", spread)
-    corr = min(_neighbour_correlation(g), _neighbour_correlation(g.T))
+    corr = min(_neighbour_correlation(g, 1), _neighbour_correlation(g, 0))
     if corr < NOISE_CORRELATION:
         return _refuse("noise", corr)
     background, edges = _document_features(g)
@@ -261,12 +263,15 @@ def turns(gray: np.ndarray) -> list[np.ndarray]:
     return [1.0 - gray, np.rot90(gray, 1), np.rot90(gray, 2), np.rot90(gray, 3), gray[::-1]]
 
 
-def _neighbour_correlation(g: np.ndarray) -> float:
-    a, b = g[:, :-1].ravel().astype(np.float64), g[:, 1:].ravel().astype(np.float64)
-    sa, sb = a.std(), b.std()
+def _neighbour_correlation(g: np.ndarray, axis: int = 1) -> float:
+    """Correlation of each pixel with its right (axis 1) or lower (axis 0) neighbour."""
+    a, b = (g[:, :-1], g[:, 1:]) if axis == 1 else (g[:-1, :], g[1:, :])
+    # views, not copies (this runs for every study in the worker); float64 accumulation keeps the numbers
+    sa, sb = float(a.std(dtype=np.float64)), float(b.std(dtype=np.float64))
     if sa < 1e-9 or sb < 1e-9:
         return 1.0
-    return float(((a - a.mean()) * (b - b.mean())).mean() / (sa * sb))
+    am, bm = float(a.mean(dtype=np.float64)), float(b.mean(dtype=np.float64))
+    return float(((a - am) * (b - bm)).mean(dtype=np.float64) / (sa * sb))
 
 
 def _document_features(g: np.ndarray) -> tuple[float, float]:
