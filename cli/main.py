@@ -38,6 +38,7 @@ class LazyGroup(click.Group):
         "model": "cli.model_cmds:model_group",
         "predict": "cli.model_cmds:predict_command",
         "dicom-listen": "cli.dicom_cmd:dicom_listen_command",
+        "status": "cli.status_cmd:status_command",
     },
 )
 def main() -> None:

@@ -79,6 +79,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from web import dicom_results  # SR / Secondary Capture downloads (issue 12)
 
     app.register_blueprint(dicom_results.bp)
+    from web import health  # /healthz, /readyz (issue 14)
+
+    app.register_blueprint(health.bp)
     # flask-smorest registers its own HTTPException handler here; the app's handlers below replace it.
     Api(app).register_blueprint(api.bp)
     csrf.exempt(api.bp)  # bearer tokens, never cookies: CSRF does not apply

@@ -7,6 +7,7 @@ builds the app a worker or beat runs (Flask's Celery pattern: a small module the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -245,3 +246,37 @@ def send_retrain(trigger: str, *, app: CxrCelery | None = None) -> str:
     app = app or default_app()
     queue = app.amqp.queues[TRAINING_QUEUE]
     return app.send_task(RETRAIN_TASK, kwargs={"trigger": trigger}, queue=queue).id
+
+
+def broker_ping(app: CxrCelery | None = None, *, timeout_s: float = 3.0) -> tuple[bool, str]:
+    """The broker accepts a connection within timeout_s (readiness); (ok, detail)."""
+    app = app or default_app()
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout_s)
+            transport = conn.transport_cls
+        return True, f"{transport} broker reachable"
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready; the detail says which
+        return False, f"broker unreachable: {type(exc).__name__}: {exc}"[:300]
+
+
+def queue_depths(app: CxrCelery | None = None, *, timeout_s: float = 3.0) -> dict[str, int]:
+    """Messages waiting in each of our queues, asked of the broker now (a passive declare: nothing is made).
+
+    Counts ready messages only (not those a worker holds unacknowledged). A queue the broker does not know
+    yet counts 0. Raises when the broker is unreachable.
+    """
+    app = app or default_app()
+    depths: dict[str, int] = {}
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=timeout_s)
+        for name in (INFERENCE_QUEUE, EXPLAIN_QUEUE, TRAINING_QUEUE):
+            channel = conn.channel()
+            try:
+                depths[name] = int(channel.queue_declare(queue=name, passive=True).message_count)
+            except conn.channel_errors:
+                depths[name] = 0  # AMQP: NOT_FOUND closes the channel; nothing was ever sent there
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
+    return depths
