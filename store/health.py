@@ -95,3 +95,10 @@ def check_serving_model(url: str, *, fallback: Path) -> tuple[bool, str]:
         return False, f"serving model unknown: {_short(exc)}"
     ok, detail = check_artifact(path or fallback)
     return ok, detail if path else detail + " (no version serves yet; the worker registers this one)"
+
+
+def serving_version_name(url: str) -> str | None:
+    """The version string of the serving model, or None (the /metrics info gauge reads it per scrape)."""
+    with session_scope(url) as session:
+        mv = serving_version(session)
+        return mv.version if mv is not None else None

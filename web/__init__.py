@@ -82,6 +82,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from web import health  # /healthz, /readyz (issue 14)
 
     app.register_blueprint(health.bp)
+    from web import metrics  # /metrics and request latency (issue 14)
+
+    metrics.init_app(app)
     # flask-smorest registers its own HTTPException handler here; the app's handlers below replace it.
     Api(app).register_blueprint(api.bp)
     csrf.exempt(api.bp)  # bearer tokens, never cookies: CSRF does not apply

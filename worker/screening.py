@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from config import Settings
+from ops.metrics import STAGE_SECONDS, STUDIES_DONE, STUDIES_FAILED
 from store.db import session_scope
 from store.models_registry import register_model_version, serving_version
 from store.studies import (
@@ -35,6 +36,7 @@ from store.studies import (
     release_studies,
 )
 from store.tables import ModelVersion, Study, StudyStatus
+from worker.stages import predict_staged
 
 log = logging.getLogger("cxr.worker")
 
@@ -65,6 +67,8 @@ class ChunkOutcome:
     not_claimed: list[int] = field(default_factory=list)
     requeued: list[int] = field(default_factory=list)
     split: bool = False
+    # study id -> (metric reason: decode | no_image | internal, the reason stored on the study)
+    fail_kinds: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
 # Per-process cache of registered version ids (predictors are cached by model.serve.load_predictor).
@@ -230,19 +234,23 @@ def screen_chunk(
         for sid in held:
             if not images.get(sid) and fail_study(session, study_id=sid, token=token, reason=NO_IMAGE_REASON):
                 outcome.failed.append(sid)
+                outcome.fail_kinds[sid] = ("no_image", NO_IMAGE_REASON)
         results: list[Any] = []
         elapsed_ms = 0.0
         if runnable:
             started = time.perf_counter()
-            results = model.predictor.predict_bytes(
-                [images[sid] for sid in runnable], max_pixels=settings.max_image_pixels
+            results = predict_staged(
+                model.predictor, [images[sid] for sid in runnable], max_pixels=settings.max_image_pixels
             )
             # One array for the chunk: each study's share of the chunk's wall time.
             elapsed_ms = (time.perf_counter() - started) * 1000.0 / len(runnable)
             if len(results) != len(runnable):
                 raise RuntimeError(f"predictor returned {len(results)} results for {len(runnable)} images")
+        write_started = time.perf_counter()
         _record(session, runnable, results, token=token, model=model, elapsed_ms=elapsed_ms, outcome=outcome)
         session.commit()
+        STAGE_SECONDS.labels("write").observe(time.perf_counter() - write_started)
+        count_outcome(outcome)
     except (SoftTimeLimitExceeded, Exception) as exc:
         session.rollback()
         kind = "time limit" if isinstance(exc, SoftTimeLimitExceeded) else type(exc).__name__
@@ -256,6 +264,15 @@ def screen_chunk(
         if not isinstance(exc, SoftTimeLimitExceeded):
             log.exception("screening error")
     return outcome
+
+
+def count_outcome(outcome: ChunkOutcome) -> None:
+    """After the commit: count DONE and FAILED studies, one log line per failure (no traceback: expected)."""
+    STUDIES_DONE.inc(len(outcome.done))
+    for sid in outcome.failed:
+        kind, reason = outcome.fail_kinds.get(sid, ("internal", ""))
+        STUDIES_FAILED.labels(kind).inc()
+        log.info("study failed: %s", reason, extra={"study_id": sid, "reason_kind": kind})
 
 
 def _record(
@@ -280,6 +297,8 @@ def _record(
             )
             if fail_study(session, study_id=sid, token=token, reason=reason):
                 outcome.failed.append(sid)
+                kind = "decode" if isinstance(result, ImageDecodeError) else "internal"
+                outcome.fail_kinds[sid] = (kind, reason)
         else:
             predicted.append(
                 {

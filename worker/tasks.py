@@ -10,6 +10,7 @@ from celery import current_app, shared_task
 from celery.signals import worker_init, worker_process_init, worker_ready
 
 from config import Settings
+from ops.metrics import RETRAIN_RUNS
 from worker.app import (
     DICOM_RESULTS_TASK,
     EXPLAIN_TASK,
@@ -23,6 +24,7 @@ from worker.app import (
     send_screen_chunks,
     settings_of,
 )
+from worker.metrics import model_loaded  # also connects the worker's metrics exporter (issue 14)
 from worker.screening import reconcile_once, run_screen_task, serving_model
 
 log = logging.getLogger("cxr.worker")
@@ -88,6 +90,7 @@ def _warm_up() -> None:
         # E.g. the database is not up yet: the first task loads it again (and fails loudly if it still can't).
         log.exception("model warm-up failed; the first task will retry")
         return
+    model_loaded(model.version)
     # Tests and `cxr run` wait for this line: the process can now answer at full speed.
     log.warning(
         "%s (pid %d, model %s, model_version_id %d)",
@@ -146,4 +149,5 @@ def retrain_task(self, trigger: str = "schedule") -> dict[str, object]:  # noqa:
     from worker.retrain import run_retraining
 
     outcome = run_retraining(settings_of(self.app), trigger=trigger, holder=self.request.id)
+    RETRAIN_RUNS.labels(outcome.status.lower()).inc()
     return {"run_id": outcome.run_id, "status": outcome.status, "reasons": outcome.reasons}
