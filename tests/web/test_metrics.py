@@ -56,3 +56,38 @@ def test_metrics_survive_a_dead_broker(app: Flask) -> None:
     app.extensions.pop("cxr_celery", None)
     families = _scrape(app)
     assert families["cxr_queue_depth"] == []
+
+
+def test_admin_ops_page_shows_rate_failures_and_queues(app: Flask, users: dict[str, int]) -> None:
+    """5 studies DONE a moment ago and 1 FAILED: 5.0/min over 1 min, 1.0 over 5, the failure's reason."""
+    from sqlalchemy import update
+
+    from store.tables import Study, StudyStatus, utcnow
+    from tests.web.conftest import sign_in
+    from tests.worker.conftest import seed
+
+    url = app.extensions["cxr_settings"].database_url
+    s = seed(url, [png_bytes(seed=i) for i in range(6)])
+    with session_scope(url) as session:
+        now = utcnow()
+        session.execute(
+            update(Study)
+            .where(Study.id.in_(s.study_ids[:5]))
+            .values(status=StudyStatus.DONE, finished_at=now)
+        )
+        session.execute(
+            update(Study)
+            .where(Study.id == s.study_ids[5])
+            .values(status=StudyStatus.FAILED, finished_at=now, error="image could not be decoded")
+        )
+    client = app.test_client()
+    sign_in(client, "alice")
+    assert client.get("/admin/ops").status_code in (302, 403)
+    client = app.test_client()
+    sign_in(client, "root")
+    page = client.get("/admin/ops")
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    assert "last 1 min</td><td>5.0" in html and "last 5 min</td><td>1.0" in html, html
+    assert "Failures in the last hour: 1" in html and "image could not be decoded" in html
+    assert "<td>inference</td><td>0</td>" in html and "<td>database</td><td>ok</td>" in html
