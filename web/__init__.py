@@ -56,6 +56,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         OPENAPI_JSON_PATH="openapi.json",
     )
     app.config.update({k: v for k, v in config.items() if k.isupper()})
+    if not app.testing:  # tests keep pytest's log capture as it is
+        from ops.logs import setup_from_settings
+
+        setup_from_settings(settings, process="web")
 
     from web.db import init_db
     from web.extensions import csrf, login_manager

@@ -1,4 +1,4 @@
-"""/metrics for Prometheus, and the request-latency histogram (labelled by URL rule, never the raw path).
+"""/metrics, the request-latency histogram (labelled by URL rule, never the raw path), request log context.
 
 The web runs under waitress (threads, one process): this process's registry. Under gunicorn set
 PROMETHEUS_MULTIPROC_DIR (empty at start) and every worker process's samples are added up here.
@@ -12,6 +12,7 @@ from flask import Blueprint, Flask, current_app, g, request
 from werkzeug.wrappers import Response
 
 from config import Settings
+from ops import logs
 from ops.metrics import HTTP_SECONDS, ScrapeGauge, exposition
 from store.health import serving_version_name
 from web.health import celery_for
@@ -26,6 +27,9 @@ def init_app(app: Flask) -> None:
     @app.before_request
     def _start_timer() -> None:
         g.cxr_started = time.perf_counter()
+        # The request's log lines carry its batch (waitress reuses threads: cleared at teardown).
+        logs.clear()
+        logs.bind(batch_id=(request.view_args or {}).get("batch_id"))
 
     @app.after_request
     def _observe(resp: Response) -> Response:
@@ -37,6 +41,10 @@ def init_app(app: Flask) -> None:
                 time.perf_counter() - started
             )
         return resp
+
+    @app.teardown_request
+    def _clear_log_context(_exc: BaseException | None) -> None:
+        logs.clear()
 
     app.register_blueprint(bp)
 

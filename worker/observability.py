@@ -1,4 +1,9 @@
-"""A worker's Prometheus exporter: one HTTP port per worker (CXR_WORKER_METRICS_PORT), in the Celery parent.
+"""A worker's metrics exporter and log context (Celery signals; worker.tasks imports this module).
+
+Logs: each task's id and study ids are bound to the log context while it runs (ops.logs), so every line,
+JSON or text, carries them; worker.screening adds the batch id once it has claimed the chunk.
+
+Metrics: one HTTP port per worker (CXR_WORKER_METRICS_PORT), served by the Celery parent.
 
 Why this pattern (prometheus-client's multiprocess mode, as documented for gunicorn): a prefork pool runs
 tasks in forked children that are replaced when they die or hit a limit, so a port per child would change
@@ -13,8 +18,9 @@ from __future__ import annotations
 import logging
 import os
 
-from celery.signals import worker_init, worker_process_shutdown
+from celery.signals import task_postrun, task_prerun, worker_init, worker_process_shutdown
 
+from ops import logs
 from ops.metrics import WORKER_MODEL, mark_process_dead, start_exporter
 from ops.multiproc import multiprocess_dir
 
@@ -49,3 +55,18 @@ def _forget_process(pid: int | None = None, **_kwargs: object) -> None:
 def model_loaded(version: str) -> None:
     """This process now serves this model version (cxr_worker_model_info)."""
     WORKER_MODEL.labels(version).set(1)
+
+
+@task_prerun.connect
+def _bind_task(task_id: str | None = None, args: tuple | None = None, **_kwargs: object) -> None:
+    """Bind the task id (and a screening chunk's study ids) to every log line the task writes."""
+    first = (args or (None,))[0]
+    study_ids = first if isinstance(first, list) and all(isinstance(i, int) for i in first) else None
+    logs.clear()
+    logs.bind(task_id=task_id, study_ids=study_ids)
+
+
+@task_postrun.connect
+def _unbind_task(**_kwargs: object) -> None:
+    """Nothing of a finished task leaks into the next one's lines."""
+    logs.clear()

@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from config import Settings
+from ops.logs import bind as bind_log
 from ops.metrics import STAGE_SECONDS, STUDIES_DONE, STUDIES_FAILED
 from store.db import session_scope
 from store.models_registry import register_model_version, serving_version
@@ -221,6 +222,7 @@ def screen_chunk(
         max_attempts=settings.max_attempts,
     )
     held = [s.id for s in claimed]
+    bind_log(batch_id=claimed[0].batch_id if claimed else None)
     outcome.not_claimed = sorted(set(study_ids) - set(held))
     if not claimed:
         session.commit()  # out-of-attempts studies may have been marked FAILED

@@ -24,7 +24,7 @@ from worker.app import (
     send_screen_chunks,
     settings_of,
 )
-from worker.metrics import model_loaded  # also connects the worker's metrics exporter (issue 14)
+from worker.observability import model_loaded  # connects the metrics exporter and log context (issue 14)
 from worker.screening import reconcile_once, run_screen_task, serving_model
 
 log = logging.getLogger("cxr.worker")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ def _samples(port: int) -> dict[tuple[str, tuple], float]:
 def test_worker_exporter_counts_a_real_batch(data_dir: Path, procs: list, sqlite_url: str) -> None:
     """3 X-rays + 1 corrupt PNG through a prefork worker: done 3, failed{decode} 1, stages observed."""
     port = free_port()
-    env = service_env(data_dir, database_url=sqlite_url, worker_metrics_port=port)
+    env = service_env(data_dir, database_url=sqlite_url, worker_metrics_port=port, log_format="json")
     app = make_celery(settings_from_env(env), set_as_current=False)
     batch_id, ids = make_batch(sqlite_url, sample_images(3), extra=[("broken.png", CORRUPT_PNG)])
     procs.append(start_worker(env))
@@ -46,3 +47,12 @@ def test_worker_exporter_counts_a_real_batch(data_dir: Path, procs: list, sqlite
     for stage, n in (("decode", 4), ("preprocess", 3), ("infer", 1), ("write", 1)):
         assert after[("cxr_stage_seconds_count", (("stage", stage),))] == n, stage
     assert any(name == "cxr_worker_model_info" and v == 1 for (name, _), v in after.items())
+
+    # CXR_LOG_FORMAT=json: the corrupt image is one JSON line with the task, its studies and the batch.
+    worker_log = procs[0].log_path.read_text(errors="replace")  # type: ignore[attr-defined]
+    records = [json.loads(ln) for ln in worker_log.splitlines() if ln.startswith("{")]
+    failed = [r for r in records if r["message"].startswith("study failed")]
+    assert len(failed) == 1 and failed[0]["study_id"] == ids[3] and failed[0]["batch_id"] == batch_id, failed
+    assert failed[0]["study_ids"] == sorted(ids) and failed[0]["task_id"], failed
+    assert any(r["message"].startswith("cxr worker process ready") for r in records)
+    assert "Traceback" not in worker_log
