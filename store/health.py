@@ -102,3 +102,11 @@ def serving_version_name(url: str) -> str | None:
     with session_scope(url) as session:
         mv = serving_version(session)
         return mv.version if mv is not None else None
+
+
+def drift_counts(url: str) -> dict[str, int]:
+    """Recent batches with each kind of drift warning (store.drift.recent_drift), in a session of its own."""
+    from store.drift import recent_drift
+
+    with session_scope(url) as session:
+        return recent_drift(session)

@@ -14,7 +14,7 @@ from werkzeug.wrappers import Response
 from config import Settings
 from ops import logs
 from ops.metrics import HTTP_SECONDS, ScrapeGauge, exposition
-from store.health import serving_version_name
+from store.health import drift_counts, serving_version_name
 from web.health import celery_for
 from worker.app import queue_depths
 
@@ -65,6 +65,12 @@ def scrape_collectors(settings: Settings) -> list[ScrapeGauge]:
             lambda: queue_depths(celery_app),
         ),
         ScrapeGauge("cxr_serving_model_info", "1 for the model version that serves", ["version"], serving),
+        ScrapeGauge(
+            "cxr_drift_batches",
+            "Batches of the last 7 days (newest 50) with a drift warning, by kind",
+            ["kind"],
+            lambda: drift_counts(settings.database_url),
+        ),
     ]
 
 

@@ -27,6 +27,7 @@ from config import Settings
 from ops.logs import bind as bind_log
 from ops.metrics import STAGE_SECONDS, STUDIES_DONE, STUDIES_FAILED
 from store.db import session_scope
+from store.drift import save_input_stats
 from store.models_registry import register_model_version, serving_version
 from store.studies import (
     claim_studies,
@@ -238,11 +239,15 @@ def screen_chunk(
                 outcome.failed.append(sid)
                 outcome.fail_kinds[sid] = ("no_image", NO_IMAGE_REASON)
         results: list[Any] = []
+        stats: list[Any] = []  # input statistics per runnable study (drift watch)
         elapsed_ms = 0.0
         if runnable:
             started = time.perf_counter()
             results = predict_staged(
-                model.predictor, [images[sid] for sid in runnable], max_pixels=settings.max_image_pixels
+                model.predictor,
+                [images[sid] for sid in runnable],
+                max_pixels=settings.max_image_pixels,
+                stats_out=stats,
             )
             # One array for the chunk: each study's share of the chunk's wall time.
             elapsed_ms = (time.perf_counter() - started) * 1000.0 / len(runnable)
@@ -250,6 +255,8 @@ def screen_chunk(
                 raise RuntimeError(f"predictor returned {len(results)} results for {len(runnable)} images")
         write_started = time.perf_counter()
         _record(session, runnable, results, token=token, model=model, elapsed_ms=elapsed_ms, outcome=outcome)
+        rows = [{"study_id": sid, **st} for sid, st in zip(runnable, stats, strict=False) if st]
+        save_input_stats(session, rows=rows)  # drift watch: best effort, so stats may be shorter (none)
         session.commit()
         STAGE_SECONDS.labels("write").observe(time.perf_counter() - write_started)
         count_outcome(outcome)

@@ -91,6 +91,7 @@ def _warm_up() -> None:
         log.exception("model warm-up failed; the first task will retry")
         return
     model_loaded(model.version)
+    _store_drift_reference(app, model)
     # Tests and `cxr run` wait for this line: the process can now answer at full speed.
     log.warning(
         "%s (pid %d, model %s, model_version_id %d)",
@@ -99,6 +100,20 @@ def _warm_up() -> None:
         model.version,
         model.model_version_id,
     )
+
+
+def _store_drift_reference(app: CxrCelery, model: object) -> None:
+    """The serving model's training reference for the drift watch, stored once (worker.drift)."""
+    from worker.drift import ensure_reference
+
+    try:
+        ensure_reference(
+            app.settings.database_url,
+            predictor=model.predictor,  # type: ignore[attr-defined]
+            model_version_id=model.model_version_id,  # type: ignore[attr-defined]
+        )
+    except Exception as exc:  # noqa: BLE001 - screening works without it; the report says "no reference"
+        log.warning("drift reference not stored: %s: %s", type(exc).__name__, exc)
 
 
 @shared_task(name=SCREEN_TASK, bind=True)
