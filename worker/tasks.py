@@ -25,7 +25,7 @@ from worker.app import (
     settings_of,
 )
 from worker.observability import model_loaded  # connects the metrics exporter and log context (issue 14)
-from worker.screening import reconcile_once, run_screen_task, serving_model
+from worker.screening import ServingModel, reconcile_once, run_screen_task, serving_model
 
 log = logging.getLogger("cxr.worker")
 READY_MARK = "cxr worker process ready"
@@ -102,15 +102,15 @@ def _warm_up() -> None:
     )
 
 
-def _store_drift_reference(app: CxrCelery, model: object) -> None:
+def _store_drift_reference(app: CxrCelery, model: ServingModel) -> None:
     """The serving model's training reference for the drift watch, stored once (worker.drift)."""
     from worker.drift import ensure_reference
 
     try:
         ensure_reference(
             app.settings.database_url,
-            predictor=model.predictor,  # type: ignore[attr-defined]
-            model_version_id=model.model_version_id,  # type: ignore[attr-defined]
+            predictor=model.predictor,
+            model_version_id=model.model_version_id,
         )
     except Exception as exc:  # noqa: BLE001 - screening works without it; the report says "no reference"
         log.warning("drift reference not stored: %s: %s", type(exc).__name__, exc)

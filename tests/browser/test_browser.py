@@ -155,6 +155,9 @@ def test_sign_in_upload_watch_progress_and_read_report(
 
     # Needs review first: open the first study and work through the batch with the keyboard.
     page.click("#needs-review")
+    # Read the order from the re-sorted page, not the one still shown while it loads.
+    page.wait_for_url("**sort=priority**")
+    page.wait_for_load_state()
     order = [
         int(x)
         for x in page.locator("#report tbody tr").evaluate_all("trs => trs.map(t => t.dataset.studyId)")
