@@ -184,12 +184,12 @@ def test_sign_in_upload_watch_progress_and_read_report(
     expect(page.locator("main .notice")).to_contain_text("not a medical device")
     page.screenshot(path=str(screens / "study.png"), full_page=True)
 
-    page.keyboard.press("ArrowRight")
-    expect(page.locator("#study-title")).to_have_attribute("data-study-id", str(order[1]))
-    page.keyboard.press("ArrowLeft")
-    expect(page.locator("#study-title")).to_have_attribute("data-study-id", str(order[0]))
-    page.keyboard.press("j")
-    expect(page.locator("#study-title")).to_have_attribute("data-study-id", str(order[1]))
+    # Each key after the page it navigated to has loaded: a key pressed before app.js runs is lost.
+    for key, expected in (("ArrowRight", order[1]), ("ArrowLeft", order[0]), ("j", order[1])):
+        page.wait_for_load_state("load")
+        page.keyboard.press(key)
+        expect(page.locator("#study-title")).to_have_attribute("data-study-id", str(expected))
+    page.wait_for_load_state("load")
 
     # A reviewer sets a label on the study page and stays there.
     page.select_option("#review-label", "pneumonia")
