@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     # Where SR and Secondary Capture results go by C-STORE: "AE@host:port"; empty: download only.
     dicom_destination: str = ""
     dicom_results: bool = True  # make an SR and a Grad-CAM Secondary Capture for each finished DICOM study
+    # Operations (issue 14, docs/operations.md): logs and the worker's Prometheus exporter.
+    log_format: Literal["text", "json"] = "text"  # json: one JSON object per line, with batch and study ids
+    log_level: str = "INFO"
+    worker_metrics_port: int = 0  # a worker's /metrics port (its pool processes added up); 0: none
 
     @field_validator("retrain_seeds", mode="before")
     @classmethod

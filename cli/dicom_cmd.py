@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 
 import click
 
 from config import load_settings
+from ops.logs import setup_from_settings
 
 
 @click.command("dicom-listen")
@@ -21,9 +21,8 @@ def dicom_listen_command(host: str | None, port: int | None, ae_title: str | Non
 
     changes = {"dicom_host": host, "dicom_port": port, "dicom_ae_title": ae_title}
     settings = load_settings().with_overrides(**{k: v for k, v in changes.items() if v is not None})
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # pynetdicom logs every PDU at INFO: keep its warnings, and our own lines.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # ops.logs keeps pynetdicom (every PDU at INFO) to its warnings, and our own lines.
+    setup_from_settings(settings, process="dicom")
     stop = threading.Event()
 
     def on_signal(_signum: int, _frame: object) -> None:

@@ -38,7 +38,18 @@ class LazyGroup(click.Group):
         "model": "cli.model_cmds:model_group",
         "predict": "cli.model_cmds:predict_command",
         "dicom-listen": "cli.dicom_cmd:dicom_listen_command",
+        "status": "cli.status_cmd:status_command",
     },
 )
 def main() -> None:
     """Chest X-ray batch screening (research and teaching tool, not a medical device)."""
+    import logging
+
+    from config import ConfigError, load_settings
+    from ops.logs import setup_from_settings, setup_logging
+
+    # A command's report goes to stdout; log lines to stderr, warnings and up (or a higher CXR_LOG_LEVEL).
+    try:
+        setup_from_settings(load_settings(), process="cli", min_level=logging.WARNING)
+    except ConfigError:
+        setup_logging(level=logging.WARNING, process="cli")  # the command itself reports the bad setting

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from config import Settings
 from intake.files import THUMBNAIL_SIDE, iter_checked
 from intake.formats import ImageDecodeError, make_thumbnail
+from ops.metrics import STUDIES_RECEIVED
 from store.audit import record_event
 from store.studies import add_studies, count_failed, create_batch, image_data, mark_queued, received_study_ids
 from store.tables import Batch, Study, User
@@ -106,6 +107,7 @@ def start_batch(session: Session, *, batch: Batch, settings: Settings) -> StartR
     """RECEIVED -> QUEUED for the batch, commit, THEN enqueue: a worker must be able to see the rows."""
     received = received_study_ids(session, batch_id=batch.id)
     queued = mark_queued(session, study_ids=received, lease_s=settings.queued_lease_s)
+    STUDIES_RECEIVED.labels(outcome="queued").inc(len(queued))
     # The batch is saved whatever happens next; when the broker is down the reconciler re-queues it.
     return StartResult(queued=queued, enqueue_error=queue.enqueue_after_commit(session, queued))
 
@@ -125,6 +127,7 @@ def submit_batch(
     batch = create_batch(session, owner=owner, name=name, notes=notes)
     ids = ingest_files(session, batch=batch, files=files, settings=settings, patient_id=patient_id)
     n_failed = count_failed(session, batch_id=batch.id)
+    STUDIES_RECEIVED.labels(outcome="rejected").inc(n_failed)
     record_event(
         session,
         user_id=owner.id,

@@ -173,6 +173,8 @@ class ModelVersion(Base):
     card: Mapped[str] = mapped_column(Text, default="")
     # The artifact's meta["band_legend"] (band -> one-sentence meaning); None for artifacts without one.
     band_legend: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
+    # Class and band shares of the artifact's out-of-fold predictions (worker.drift); None without oof.csv.
+    drift_reference: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
@@ -214,6 +216,22 @@ class Heatmap(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     elapsed_ms: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class InputStats(Base):
+    """One study's input statistics, written by the worker when it decodes the image (drift watch)."""
+
+    __tablename__ = "input_stats"
+
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), primary_key=True)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    bit_depth: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    mean_intensity: Mapped[float] = mapped_column(Float)  # 0..1, bone bright
+    # Mean of the outer tenth minus mean of the central half: negative on an ordinary film (dark air around).
+    border_minus_centre: Mapped[float] = mapped_column(Float)
+    manufacturer: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    view: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class DicomResult(Base):

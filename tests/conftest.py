@@ -106,6 +106,53 @@ def redis_url() -> Iterator[str]:
         client.close()
 
 
+RABBITMQ_HOST, RABBITMQ_PORT = "127.0.0.1", 5672
+
+
+@pytest.fixture
+def rabbitmq_url() -> Iterator[str]:
+    """A RabbitMQ virtual host of its own (made and deleted with rabbitmqctl), guest/guest.
+
+    Without rabbitmqctl on this machine: the default vhost, our queues purged before and after (a run beside
+    another one on the same broker could then take its messages: the vhost is the isolation that matters).
+    """
+    require_service("RabbitMQ", RABBITMQ_HOST, RABBITMQ_PORT)
+    import shutil
+    import subprocess
+
+    ctl = shutil.which("rabbitmqctl")
+    base = f"amqp://guest:guest@{RABBITMQ_HOST}:{RABBITMQ_PORT}"
+    if ctl is None:
+        url = base + "//"
+        _purge_rabbitmq(url)
+        yield url
+        _purge_rabbitmq(url)
+        return
+    vhost = "cxr_t_" + secrets.token_hex(6)
+    subprocess.run([ctl, "-q", "add_vhost", vhost], check=True, timeout=60)
+    try:
+        subprocess.run(
+            [ctl, "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True, timeout=60
+        )
+        yield f"{base}/{vhost}"
+    finally:
+        subprocess.run([ctl, "-q", "delete_vhost", vhost], check=False, timeout=60)
+
+
+def _purge_rabbitmq(url: str) -> None:
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=5) as conn:
+        for name in ("inference", "explain", "training"):
+            channel = conn.channel()
+            try:
+                channel.queue_purge(name)
+            except conn.channel_errors:
+                pass  # not declared yet
+            finally:
+                channel.close()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest) -> str:
     """Each test using it runs on SQLite and on PostgreSQL."""

@@ -91,3 +91,8 @@ def test_the_checks_see_a_violation(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     (bad / "x.py").write_text("from sqlalchemy import select\n\ndef f():\n    import tensorflow\n")
     monkeypatch.setattr(f"{__name__}.REPO_ROOT", tmp_path)
     assert len(violations("bad", ("tensorflow", "sqlalchemy"))) == 2
+
+
+def test_ops_sits_beside_config() -> None:
+    """ops/ (logging, metrics) is imported by every floor, so it imports nothing of ours but config."""
+    assert not violations("ops", ("store", "model", "intake", "worker", "web", "cli"))

@@ -56,6 +56,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         OPENAPI_JSON_PATH="openapi.json",
     )
     app.config.update({k: v for k, v in config.items() if k.isupper()})
+    if not app.testing:  # tests keep pytest's log capture as it is
+        from ops.logs import setup_from_settings
+
+        setup_from_settings(settings, process="web")
 
     from web.db import init_db
     from web.extensions import csrf, login_manager
@@ -79,6 +83,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from web import dicom_results  # SR / Secondary Capture downloads (issue 12)
 
     app.register_blueprint(dicom_results.bp)
+    from web import health  # /healthz, /readyz (issue 14)
+
+    app.register_blueprint(health.bp)
+    from web import metrics  # /metrics and request latency (issue 14)
+
+    metrics.init_app(app)
     # flask-smorest registers its own HTTPException handler here; the app's handlers below replace it.
     Api(app).register_blueprint(api.bp)
     csrf.exempt(api.bp)  # bearer tokens, never cookies: CSRF does not apply

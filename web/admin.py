@@ -9,6 +9,7 @@ from wtforms import PasswordField, SelectField, StringField
 from wtforms.validators import DataRequired, Length
 
 from store.audit import list_events
+from store.ops import ops_summary
 from store.tables import Role
 from store.users import (
     UserError,
@@ -21,7 +22,7 @@ from store.users import (
 )
 from web.auth import current_row
 from web.common import ActionForm, admin_required
-from web.db import get_db
+from web.db import get_db, get_settings
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -153,4 +154,23 @@ def audit() -> str:
         users=list_users(db),
         user_id=user_id,
         batch_id=batch_id,
+    )
+
+
+@bp.route("/ops")
+@admin_required
+def ops() -> str:
+    """Queue depth, studies per minute, recent failures and readiness, without a Prometheus server."""
+    from web.health import celery_for, readiness
+    from worker.app import queue_depths
+
+    settings = get_settings()
+    app = celery_for(settings)
+    depths: dict[str, int] | str
+    try:
+        depths = queue_depths(app)
+    except Exception as exc:  # noqa: BLE001 - the page shows what it can
+        depths = f"{type(exc).__name__}: {exc}"
+    return render_template(
+        "admin/ops.html", depths=depths, summary=ops_summary(get_db()), checks=readiness(settings, app)
     )

@@ -14,6 +14,7 @@ from flask_login import login_required
 from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response
 
+from store.drift import batch_drift
 from store.models_registry import band_legends, serving_version
 from store.reports import (
     BANDS,
@@ -126,6 +127,7 @@ def report(batch_id: int) -> str:
         can_manage=get_batch_for(db, user=current_row(), batch_id=batch.id, manage=True) is not None,
         review_form=ReviewForm() if can_review else None,
         serving=serving_version(db),
+        drift=batch_drift(db, batch_id=batch.id),
     )
 
 

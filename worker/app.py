@@ -7,6 +7,7 @@ builds the app a worker or beat runs (Flask's Celery pattern: a small module the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -58,10 +59,24 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
             # from 104 to 138 studies/s (vs 0.1 s) for ~1% of a core while idle.
             "polling_interval": 0.02,
         }
+    if is_amqp(settings.broker_url):
+        # RabbitMQ has no visibility timeout: it redelivers an unacked message when the consumer's connection
+        # closes (a dead worker host: at once), and closes a channel whose delivery stays unacked longer than
+        # the server's consumer_timeout (make_celery checks the hard time limit against it).
+        return {}
     # Redis re-delivers an unacknowledged message after visibility_timeout: it must exceed the longest
     # late-acked task (the hard limit) plus the time a prefetched message may wait, or a task would run twice.
     # Retraining (hours) is acknowledged on receipt, so it does not count here.
     return {"visibility_timeout": max(3600, 2 * settings.task_hard_time_limit_s + 600)}
+
+
+# RabbitMQ's default consumer_timeout (3.8.15 and later): a late-acked delivery must be acked before it.
+RABBITMQ_CONSUMER_TIMEOUT_S = 1800
+
+
+def is_amqp(broker_url: str) -> bool:
+    """True for a RabbitMQ (AMQP) broker URL."""
+    return broker_url.split("://", 1)[0] in {"amqp", "amqps", "pyamqp", "librabbitmq"}
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -116,6 +131,9 @@ def make_celery(settings: Settings | None = None, *, set_as_current: bool = True
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # A late-acked task whose broker connection was lost is redelivered by the broker: cancel the running
+        # copy rather than finish it twice (Celery's advice with acks_late; RabbitMQ redelivers at once).
+        worker_cancel_long_running_tasks_on_connection_loss=True,
         task_serializer="json",
         result_serializer="json",
         event_serializer="json",
@@ -152,6 +170,13 @@ def make_celery(settings: Settings | None = None, *, set_as_current: bool = True
         worker_send_task_events=False,
         worker_hijack_root_logger=False,
     )
+    if is_amqp(settings.broker_url) and settings.task_hard_time_limit_s >= RABBITMQ_CONSUMER_TIMEOUT_S:
+        log.warning(
+            "task hard time limit %d s >= RabbitMQ's default consumer_timeout %d s: raise consumer_timeout "
+            "on the broker or a long chunk is redelivered while it runs",
+            settings.task_hard_time_limit_s,
+            RABBITMQ_CONSUMER_TIMEOUT_S,
+        )
     return app
 
 
@@ -245,3 +270,37 @@ def send_retrain(trigger: str, *, app: CxrCelery | None = None) -> str:
     app = app or default_app()
     queue = app.amqp.queues[TRAINING_QUEUE]
     return app.send_task(RETRAIN_TASK, kwargs={"trigger": trigger}, queue=queue).id
+
+
+def broker_ping(app: CxrCelery | None = None, *, timeout_s: float = 3.0) -> tuple[bool, str]:
+    """The broker accepts a connection within timeout_s (readiness); (ok, detail)."""
+    app = app or default_app()
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout_s)
+            transport = conn.transport_cls
+        return True, f"{transport} broker reachable"
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready; the detail says which
+        return False, f"broker unreachable: {type(exc).__name__}: {exc}"[:300]
+
+
+def queue_depths(app: CxrCelery | None = None, *, timeout_s: float = 3.0) -> dict[str, int]:
+    """Messages waiting in each of our queues, asked of the broker now (a passive declare: nothing is made).
+
+    Counts ready messages only (not those a worker holds unacknowledged). A queue the broker does not know
+    yet counts 0. Raises when the broker is unreachable.
+    """
+    app = app or default_app()
+    depths: dict[str, int] = {}
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=timeout_s)
+        for name in (INFERENCE_QUEUE, EXPLAIN_QUEUE, TRAINING_QUEUE):
+            channel = conn.channel()
+            try:
+                depths[name] = int(channel.queue_declare(queue=name, passive=True).message_count)
+            except conn.channel_errors:
+                depths[name] = 0  # AMQP: NOT_FOUND closes the channel; nothing was ever sent there
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
+    return depths

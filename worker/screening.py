@@ -25,7 +25,10 @@ from sqlalchemy.orm import Session
 
 from config import Settings
 from intake.validity import refusals
+from ops.logs import bind as bind_log
+from ops.metrics import STAGE_SECONDS, STUDIES_DONE, STUDIES_FAILED
 from store.db import session_scope
+from store.drift import save_input_stats
 from store.models_registry import register_model_version, serving_version
 from store.studies import (
     claim_studies,
@@ -36,6 +39,7 @@ from store.studies import (
     release_studies,
 )
 from store.tables import ModelVersion, Study, StudyStatus
+from worker.stages import predict_staged
 
 log = logging.getLogger("cxr.worker")
 
@@ -66,6 +70,8 @@ class ChunkOutcome:
     not_claimed: list[int] = field(default_factory=list)
     requeued: list[int] = field(default_factory=list)
     split: bool = False
+    # study id -> (metric reason: decode | no_image | internal, the reason stored on the study)
+    fail_kinds: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
 # Per-process cache of registered version ids (predictors are cached by model.serve.load_predictor).
@@ -218,6 +224,7 @@ def screen_chunk(
         max_attempts=settings.max_attempts,
     )
     held = [s.id for s in claimed]
+    bind_log(batch_id=claimed[0].batch_id if claimed else None)
     outcome.not_claimed = sorted(set(study_ids) - set(held))
     if not claimed:
         session.commit()  # out-of-attempts studies may have been marked FAILED
@@ -231,25 +238,36 @@ def screen_chunk(
         for sid in held:
             if not images.get(sid) and fail_study(session, study_id=sid, token=token, reason=NO_IMAGE_REASON):
                 outcome.failed.append(sid)
+                outcome.fail_kinds[sid] = ("no_image", NO_IMAGE_REASON)
         # What is not a chest X-ray gets no finding at all: the validity gate runs before the model.
         refused = refusals({sid: images[sid] for sid in runnable}, max_pixels=settings.max_image_pixels)
         for sid, reason in refused.items():
             if fail_study(session, study_id=sid, token=token, reason=reason):
                 outcome.failed.append(sid)
+                outcome.fail_kinds[sid] = ("not_assessable", reason)
         runnable = [sid for sid in runnable if sid not in refused]
         results: list[Any] = []
+        stats: list[Any] = []  # input statistics per runnable study (drift watch)
         elapsed_ms = 0.0
         if runnable:
             started = time.perf_counter()
-            results = model.predictor.predict_bytes(
-                [images[sid] for sid in runnable], max_pixels=settings.max_image_pixels
+            results = predict_staged(
+                model.predictor,
+                [images[sid] for sid in runnable],
+                max_pixels=settings.max_image_pixels,
+                stats_out=stats,
             )
             # One array for the chunk: each study's share of the chunk's wall time.
             elapsed_ms = (time.perf_counter() - started) * 1000.0 / len(runnable)
             if len(results) != len(runnable):
                 raise RuntimeError(f"predictor returned {len(results)} results for {len(runnable)} images")
+        write_started = time.perf_counter()
         _record(session, runnable, results, token=token, model=model, elapsed_ms=elapsed_ms, outcome=outcome)
+        rows = [{"study_id": sid, **st} for sid, st in zip(runnable, stats, strict=False) if st]
+        save_input_stats(session, rows=rows)  # drift watch: best effort, so stats may be shorter (none)
         session.commit()
+        STAGE_SECONDS.labels("write").observe(time.perf_counter() - write_started)
+        count_outcome(outcome)
     except (SoftTimeLimitExceeded, Exception) as exc:
         session.rollback()
         kind = "time limit" if isinstance(exc, SoftTimeLimitExceeded) else type(exc).__name__
@@ -263,6 +281,15 @@ def screen_chunk(
         if not isinstance(exc, SoftTimeLimitExceeded):
             log.exception("screening error")
     return outcome
+
+
+def count_outcome(outcome: ChunkOutcome) -> None:
+    """After the commit: count DONE and FAILED studies, one log line per failure (no traceback: expected)."""
+    STUDIES_DONE.inc(len(outcome.done))
+    for sid in outcome.failed:
+        kind, reason = outcome.fail_kinds.get(sid, ("internal", ""))
+        STUDIES_FAILED.labels(kind).inc()
+        log.info("study failed: %s", reason, extra={"study_id": sid, "reason_kind": kind})
 
 
 def _record(
@@ -287,6 +314,8 @@ def _record(
             )
             if fail_study(session, study_id=sid, token=token, reason=reason):
                 outcome.failed.append(sid)
+                kind = "decode" if isinstance(result, ImageDecodeError) else "internal"
+                outcome.fail_kinds[sid] = (kind, reason)
         else:
             predicted.append(
                 {

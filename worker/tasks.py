@@ -10,6 +10,7 @@ from celery import current_app, shared_task
 from celery.signals import worker_init, worker_process_init, worker_ready
 
 from config import Settings
+from ops.metrics import RETRAIN_RUNS
 from worker.app import (
     DICOM_RESULTS_TASK,
     EXPLAIN_TASK,
@@ -23,7 +24,8 @@ from worker.app import (
     send_screen_chunks,
     settings_of,
 )
-from worker.screening import reconcile_once, run_screen_task, serving_model
+from worker.observability import model_loaded  # connects the metrics exporter and log context (issue 14)
+from worker.screening import ServingModel, reconcile_once, run_screen_task, serving_model
 
 log = logging.getLogger("cxr.worker")
 READY_MARK = "cxr worker process ready"
@@ -88,6 +90,8 @@ def _warm_up() -> None:
         # E.g. the database is not up yet: the first task loads it again (and fails loudly if it still can't).
         log.exception("model warm-up failed; the first task will retry")
         return
+    model_loaded(model.version)
+    _store_drift_reference(app, model)
     # Tests and `cxr run` wait for this line: the process can now answer at full speed.
     log.warning(
         "%s (pid %d, model %s, model_version_id %d)",
@@ -96,6 +100,20 @@ def _warm_up() -> None:
         model.version,
         model.model_version_id,
     )
+
+
+def _store_drift_reference(app: CxrCelery, model: ServingModel) -> None:
+    """The serving model's training reference for the drift watch, stored once (worker.drift)."""
+    from worker.drift import ensure_reference
+
+    try:
+        ensure_reference(
+            app.settings.database_url,
+            predictor=model.predictor,
+            model_version_id=model.model_version_id,
+        )
+    except Exception as exc:  # noqa: BLE001 - screening works without it; the report says "no reference"
+        log.warning("drift reference not stored: %s: %s", type(exc).__name__, exc)
 
 
 @shared_task(name=SCREEN_TASK, bind=True)
@@ -146,4 +164,5 @@ def retrain_task(self, trigger: str = "schedule") -> dict[str, object]:  # noqa:
     from worker.retrain import run_retraining
 
     outcome = run_retraining(settings_of(self.app), trigger=trigger, holder=self.request.id)
+    RETRAIN_RUNS.labels(outcome.status.lower()).inc()
     return {"run_id": outcome.run_id, "status": outcome.status, "reasons": outcome.reasons}

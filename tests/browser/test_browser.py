@@ -155,6 +155,9 @@ def test_sign_in_upload_watch_progress_and_read_report(
 
     # Needs review first: open the first study and work through the batch with the keyboard.
     page.click("#needs-review")
+    # Read the order from the re-sorted page, not the one still shown while it loads.
+    page.wait_for_url("**sort=priority**")
+    page.wait_for_load_state()
     order = [
         int(x)
         for x in page.locator("#report tbody tr").evaluate_all("trs => trs.map(t => t.dataset.studyId)")
@@ -181,12 +184,12 @@ def test_sign_in_upload_watch_progress_and_read_report(
     expect(page.locator("main .notice")).to_contain_text("not a medical device")
     page.screenshot(path=str(screens / "study.png"), full_page=True)
 
-    page.keyboard.press("ArrowRight")
-    expect(page.locator("#study-title")).to_have_attribute("data-study-id", str(order[1]))
-    page.keyboard.press("ArrowLeft")
-    expect(page.locator("#study-title")).to_have_attribute("data-study-id", str(order[0]))
-    page.keyboard.press("j")
-    expect(page.locator("#study-title")).to_have_attribute("data-study-id", str(order[1]))
+    # Each key after the page it navigated to has loaded: a key pressed before app.js runs is lost.
+    for key, expected in (("ArrowRight", order[1]), ("ArrowLeft", order[0]), ("j", order[1])):
+        page.wait_for_load_state("load")
+        page.keyboard.press(key)
+        expect(page.locator("#study-title")).to_have_attribute("data-study-id", str(expected))
+    page.wait_for_load_state("load")
 
     # A reviewer sets a label on the study page and stays there.
     page.select_option("#review-label", "pneumonia")

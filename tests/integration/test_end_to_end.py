@@ -48,3 +48,9 @@ def test_embedded_broker_and_sqlite(data_dir: Path, procs: list, sqlite_url: str
 def test_redis_and_postgresql(data_dir: Path, procs: list, pg_url: str, redis_url: str) -> None:
     """Production's stack: Redis broker + PostgreSQL (runs for real under CI=true)."""
     run_batch_end_to_end(data_dir, procs, database_url=pg_url, broker_url=redis_url)
+
+
+@pytest.mark.services
+def test_rabbitmq_and_postgresql(data_dir: Path, procs: list, pg_url: str, rabbitmq_url: str) -> None:
+    """Celery's recommended production broker: RabbitMQ + PostgreSQL (runs for real under CI=true)."""
+    run_batch_end_to_end(data_dir, procs, database_url=pg_url, broker_url=rabbitmq_url)

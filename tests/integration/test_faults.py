@@ -26,11 +26,19 @@ from worker.app import make_celery, send_screen_chunks
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(params=["sqlite+filesystem", pytest.param("postgresql+redis", marks=pytest.mark.services)])
+@pytest.fixture(
+    params=[
+        "sqlite+filesystem",
+        pytest.param("postgresql+redis", marks=pytest.mark.services),
+        pytest.param("postgresql+rabbitmq", marks=pytest.mark.services),
+    ]
+)
 def stack(request: pytest.FixtureRequest) -> tuple[str, str | None]:
-    """(database URL, broker URL): the embedded stack, and PostgreSQL + Redis."""
+    """(database URL, broker URL): the embedded stack, PostgreSQL + Redis, and PostgreSQL + RabbitMQ."""
     if request.param == "sqlite+filesystem":
         return request.getfixturevalue("sqlite_url"), None
+    if request.param == "postgresql+rabbitmq":
+        return request.getfixturevalue("pg_url"), request.getfixturevalue("rabbitmq_url")
     return request.getfixturevalue("pg_url"), request.getfixturevalue("redis_url")
 
 

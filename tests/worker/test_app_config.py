@@ -12,6 +12,7 @@ from worker.app import (
     EXPLAIN_QUEUE,
     EXPLAIN_TASK,
     INFERENCE_QUEUE,
+    RABBITMQ_CONSUMER_TIMEOUT_S,
     RECONCILE_TASK,
     RETRAIN_TASK,
     SCREEN_TASK,
@@ -50,6 +51,17 @@ def test_redis_visibility_timeout_outlasts_any_task(tmp_path: Path, monkeypatch)
     monkeypatch.setenv("CXR_TASK_HARD_TIME_LIMIT_S", "3000")
     conf = make_celery(load_settings(), set_as_current=False).conf
     assert conf.broker_transport_options["visibility_timeout"] > 2 * conf.task_time_limit
+
+
+def test_rabbitmq_settings(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """AMQP: no visibility timeout (RabbitMQ redelivers on connection loss); a lost connection cancels."""
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CXR_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+    settings = load_settings()
+    conf = make_celery(settings, set_as_current=False).conf
+    assert "visibility_timeout" not in conf.broker_transport_options
+    assert conf.task_acks_late and conf.worker_cancel_long_running_tasks_on_connection_loss
+    assert settings.task_hard_time_limit_s < RABBITMQ_CONSUMER_TIMEOUT_S, "ack before RabbitMQ gives up"
 
 
 def test_sending_tasks_imports_no_model_code(tmp_path: Path) -> None:
