@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -92,7 +93,9 @@ def train_command(
     flags = " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in chosen.items() if v is not None and k != "members"
     )
-    cmd = f"cxr model train --data {data} {flags}".strip()
+    # the data path as seen from the project root, so the recorded command works on another machine
+    shown = os.path.relpath(Path(data).resolve(), REPO_ROOT)
+    cmd = f"cxr model train --data {shown} {flags}".strip()
     meta = develop(
         data,
         out,
