@@ -107,17 +107,11 @@ def band_report(probs: np.ndarray, y: np.ndarray, thresholds: dict[str, float]) 
 
 def bootstrap_precision_lcb(hit: np.ndarray, groups: np.ndarray, n: int = 1000, seed: int = 0) -> float:
     """2.5th percentile of a band's precision, resampling patients (groups) with replacement."""
+    from model.metrics import patient_resamples
+
     if not len(hit):
         return float("nan")
-    rng = np.random.default_rng(seed)
-    uniq, inv = np.unique(groups, return_inverse=True)
-    hits = np.bincount(inv, weights=hit.astype(float), minlength=len(uniq))
-    counts = np.bincount(inv, minlength=len(uniq)).astype(float)
-    vals = []
-    for _ in range(n):
-        pick = rng.integers(0, len(uniq), len(uniq))
-        vals.append(hits[pick].sum() / max(counts[pick].sum(), 1.0))
-    return float(np.percentile(vals, 2.5))
+    return float(np.percentile([hit[idx].mean() for idx in patient_resamples(groups, n, seed)], 2.5))
 
 
 def summarise_oof(
@@ -128,11 +122,12 @@ def summarise_oof(
     *,
     thresholds: dict[str, float] | None = None,
     groups: np.ndarray | None = None,
+    temperature: float | None = None,
 ) -> dict:
     """Mean and spread over folds, pooled OOF metrics after temperature scaling, per-source accuracy, bands.
 
-    Without `thresholds` the band thresholds are fitted on these same OOF probabilities (as the exported
-    model's are).
+    Without `thresholds` the band thresholds, and without `temperature` the temperature, are fitted on these
+    same OOF predictions (as the exported model's are); a caller that has them already passes them.
     """
     from model.calibrate import fit_temperature, fit_thresholds, softmax
     from model.metrics import ece
@@ -146,7 +141,7 @@ def summarise_oof(
         for k in keys
     }
     z, yy = logits[done], y[done]
-    t = fit_temperature(z, yy)
+    t = temperature if temperature is not None else fit_temperature(z, yy)
     probs = softmax(z / t)
     pred = probs.argmax(1)
     per_source = {}
@@ -425,22 +420,13 @@ def run_loco(
             "recall": {CLASSES[i]: float((pred[yt == i] == i).mean()) for i in present},
             "predicted": {cl: int((pred == i).sum()) for i, cl in enumerate(CLASSES)},
             # macro-F1 over the classes the collection holds (a third, absent class only adds errors)
-            "macro_f1_present": macro_f1(yt, pred) if len(present) == 3 else _f1_over(yt, pred, present),
+            "macro_f1_present": macro_f1(yt, pred, labels=present),
         }
         log(f"[{name}] without {c}: " + json.dumps(results[c]))
     (out / "loco.json").write_text(
         json.dumps({"name": name, "config": asdict(cfg), "results": results}, indent=1)
     )
     return results
-
-
-def _f1_over(y: np.ndarray, pred: np.ndarray, classes: list[int]) -> float:
-    f1s = []
-    for c in classes:
-        tp = float(((pred == c) & (y == c)).sum())
-        denom = float((pred == c).sum() + (y == c).sum())
-        f1s.append(2 * tp / denom if denom else 0.0)
-    return float(np.mean(f1s))
 
 
 def main() -> None:

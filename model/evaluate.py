@@ -261,6 +261,7 @@ def oof_tables(artifact_dir: Path, candidates: list[str], out: Path) -> list[str
         oof["sources"],
         thresholds=meta["thresholds"],
         groups=oof["patients"],
+        temperature=meta["temperature"],
     )
     probs = softmax(oof["logits"] / meta["temperature"])
     _plot_reliability({"out-of-fold": (probs, oof["y"])}, Path(out) / "reliability_oof.png")

@@ -39,11 +39,14 @@ def ece(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:
     return float(total)
 
 
-def macro_f1(y: np.ndarray, pred: np.ndarray, k: int = len(CLASSES)) -> float:
-    """Macro-averaged F1 over the classes present in y or pred."""
+def macro_f1(
+    y: np.ndarray, pred: np.ndarray, k: int = len(CLASSES), *, labels: list[int] | None = None
+) -> float:
+    """Macro-averaged F1 over the k classes, or over `labels` only (e.g. the classes one collection holds)."""
     from sklearn.metrics import f1_score
 
-    return float(f1_score(y, pred, labels=list(range(k)), average="macro", zero_division=0))
+    labels = list(range(k)) if labels is None else labels
+    return float(f1_score(y, pred, labels=labels, average="macro", zero_division=0))
 
 
 def auroc_ovr(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -75,18 +78,20 @@ def per_class(y: np.ndarray, pred: np.ndarray) -> dict[str, dict[str, tuple[floa
     return out
 
 
+def patient_resamples(groups: np.ndarray, n: int, seed: int = 0):
+    """n bootstrap resamples of the rows, drawing patients (groups) with replacement: yields row indices."""
+    rng = np.random.default_rng(seed)
+    uniq, inv = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inv == g) for g in range(len(uniq))]
+    for _ in range(n):
+        yield np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+
+
 def bootstrap_macro_f1(
     y: np.ndarray, pred: np.ndarray, groups: np.ndarray, n: int = 500, seed: int = 0
 ) -> tuple[float, float]:
     """95% interval of macro-F1 by resampling patients (groups) with replacement."""
-    rng = np.random.default_rng(seed)
-    uniq, inv = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inv == g) for g in range(len(uniq))]
-    vals = []
-    for _ in range(n):
-        pick = rng.integers(0, len(uniq), len(uniq))
-        idx = np.concatenate([members[g] for g in pick])
-        vals.append(macro_f1(y[idx], pred[idx]))
+    vals = [macro_f1(y[idx], pred[idx]) for idx in patient_resamples(groups, n, seed)]
     return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
 
 

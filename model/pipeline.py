@@ -175,7 +175,9 @@ def develop(
     thresholds = fit_thresholds(probs, y)
     sources = np.array([r.source for r in records])
     groups = np.array([r.patient_id for r in records])
-    oof = summarise_oof(logits, y, done, sources, thresholds=thresholds, groups=groups)
+    oof = summarise_oof(
+        logits, y, done, sources, thresholds=thresholds, groups=groups, temperature=temperature
+    )
     mflop = conv_flops(build(recipe.arch)) / 1e6
     members = serve_members(recipe, mflop)
     log(

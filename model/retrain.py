@@ -70,6 +70,7 @@ def _f1_and_sens(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
 def compare(candidate_dir: Path, serving_dir: Path, *, n_boot: int = 1000, seed: int = 0) -> PairedComparison:
     """Pair two artifacts' OOF findings on shared studies; bootstrap patients to bound the difference."""
     from model.artifact import read_meta
+    from model.metrics import patient_resamples
 
     cand, serv = _findings(candidate_dir), _findings(serving_dir)
     shared = sorted(set(cand) & set(serv))
@@ -83,12 +84,8 @@ def compare(candidate_dir: Path, serving_dir: Path, *, n_boot: int = 1000, seed:
     pc = np.array([cand[f][1] for f in shared])
     ps = np.array([serv[f][1] for f in shared])
     groups = np.array([serv[f][2] for f in shared])
-    uniq, inv = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inv == g) for g in range(len(uniq))]
-    rng = np.random.default_rng(seed)
     diffs = []
-    for _ in range(n_boot):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+    for idx in patient_resamples(groups, n_boot, seed):
         fc, sc = _f1_and_sens(y[idx], pc[idx])
         fs, ss = _f1_and_sens(y[idx], ps[idx])
         diffs.append((fc - fs, sc - ss))

@@ -47,7 +47,7 @@ def run_retraining(
     from dataclasses import replace
 
     from model.artifact import artifact_sha256, read_meta
-    from model.pipeline import SHIPPED_RECIPE, Recipe, ReviewedExample, develop
+    from model.pipeline import ReviewedExample, develop
     from model.retrain import GateMargins, compare, gate
     from model.serve import DEFAULT_ARTIFACT_DIR
 
@@ -56,7 +56,7 @@ def run_retraining(
     with session_scope(url) as session:
         current = serving_version(session)
         current_path = Path(current.artifact_path) if current else None
-        recipe = _recipe_of(current_path or DEFAULT_ARTIFACT_DIR, SHIPPED_RECIPE, Recipe)
+        recipe = _recipe_of(current_path or DEFAULT_ARTIFACT_DIR)
         # the same recipe as the serving model; epochs and seed may be set for the deployment (tests: short)
         recipe = replace(
             recipe, epochs=settings.retrain_epochs or recipe.epochs, seed=settings.retrain_seeds[0]
@@ -168,10 +168,12 @@ def run_retraining(
         raise
 
 
-def _recipe_of(artifact_dir: Path, default, recipe_cls):
+def _recipe_of(artifact_dir: Path):  # noqa: ANN202 - model.pipeline.Recipe (TensorFlow side, imported late)
+    """The serving artifact's training recipe; the shipped one when there is no artifact to read."""
     from model.artifact import read_meta
+    from model.pipeline import SHIPPED_RECIPE, Recipe
 
     try:
-        return recipe_cls.from_meta(read_meta(artifact_dir))
+        return Recipe.from_meta(read_meta(artifact_dir))
     except FileNotFoundError:
-        return default
+        return SHIPPED_RECIPE
