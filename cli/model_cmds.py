@@ -255,10 +255,11 @@ def predict_command(paths: tuple[Path, ...], fmt: str, model_dir: Path | None) -
                 click.echo(f"{f}: {exc}", err=True)
         # the same validity gate as the worker: what is not a chest X-ray gets no finding
         refused = refusals(dict(enumerate(datas)))
-        results = predictor.predict_bytes([b"" if i in refused else d for i, d in enumerate(datas)])
-        for i, (f, res) in enumerate(zip(chunk, results, strict=True)):
-            if i in refused:
-                res = ImageDecodeError(refused[i])
+        kept = [i for i in range(len(datas)) if i not in refused]
+        results: dict[int, object] = {i: ImageDecodeError(reason) for i, reason in refused.items()}
+        results.update(zip(kept, predictor.predict_bytes([datas[i] for i in kept]), strict=True))
+        for i, f in enumerate(chunk):
+            res = results[i]
             if isinstance(res, ImageDecodeError):
                 click.echo(f"{f}: {res}", err=True)
                 rows.append(
