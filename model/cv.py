@@ -276,6 +276,7 @@ def run_cv(
     split_path: Path = DEFAULT_SPLIT,
     runs_dir: Path = REPO_ROOT / "runs" / "cv",
     lung_crop: bool = False,
+    clahe: bool = False,
     log=print,
 ) -> dict:
     """A sweep candidate: cross-validate one recipe over train+val, write oof.csv and summary.json."""
@@ -287,12 +288,13 @@ def run_cv(
     folds = cv_folds(records, k)
     y = labels_of(records)
     cfg = TrainConfig(**{"early_stopping": False, **cfg_kwargs})
-    x = load_arrays(data, records, input_size(cfg.arch), lung_crop=lung_crop)
+    x = load_arrays(data, records, input_size(cfg.arch), lung_crop=lung_crop, clahe=clahe)
     out = Path(runs_dir) / name
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(
         json.dumps(
-            {"name": name, "k": k, "cv_seed": CV_SEED, "lung_crop": lung_crop, **asdict(cfg)}, indent=1
+            {"name": name, "k": k, "cv_seed": CV_SEED, "lung_crop": lung_crop, "clahe": clahe, **asdict(cfg)},
+            indent=1,
         )
     )
     logits, done, _ = cross_validate(cfg, x, y, folds, out, folds_to_run=folds_to_run, log=log)
@@ -301,7 +303,7 @@ def run_cv(
     groups = np.array([r.patient_id for r in records])
     summary = {
         "name": name,
-        "config": {**asdict(cfg), "lung_crop": lung_crop},
+        "config": {**asdict(cfg), "lung_crop": lung_crop, "clahe": clahe},
         **summarise_oof(logits, y, done, sources, groups=groups),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -347,7 +349,13 @@ def oof_source_probe(name: str, *, data: Path, runs_dir: Path = REPO_ROOT / "run
     conf = json.loads((out / "config.json").read_text())
     records = cv_records()
     folds = cv_folds(records, conf["k"])
-    x = load_arrays(data, records, input_size(conf["arch"]), lung_crop=conf.get("lung_crop", False))
+    x = load_arrays(
+        data,
+        records,
+        input_size(conf["arch"]),
+        lung_crop=conf.get("lung_crop", False),
+        clahe=conf.get("clahe", False),
+    )
     feats = None
     for f in range(conf["k"]):
         m = keras.saving.load_model(out / f"fold{f}" / "model.keras", compile=False)
@@ -440,6 +448,7 @@ def main() -> None:
     ap.add_argument("--label-smoothing", type=float, default=0.0)
     ap.add_argument("--folds", default=None, help="comma-separated fold indices (default: all)")
     ap.add_argument("--lung-crop", action="store_true", help="crop to the checked lung fields first")
+    ap.add_argument("--clahe", action="store_true", help="CLAHE inside preprocessing (model.preprocess)")
     ap.add_argument("--loco", action="store_true", help="leave-one-collection-out instead of k-fold")
     ap.add_argument("--probe", action="store_true", help="source probe on the out-of-fold features of --name")
     ap.add_argument("--noise", default=None, help="comma-separated candidates: studies all of them get wrong")
@@ -469,6 +478,7 @@ def main() -> None:
         data=args.data,
         folds_to_run=folds,
         lung_crop=args.lung_crop,
+        clahe=args.clahe,
         log=lambda m: print(m, flush=True),
     )
     print(json.dumps({k: s[k] for k in ("name", "mean", "sd", "pooled")}, indent=1), flush=True)

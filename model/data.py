@@ -161,12 +161,18 @@ def cache_dir() -> Path:
 
 
 def load_arrays(
-    root: Path, records: list[Record], size: int, *, cache: bool = True, lung_crop: bool = False
+    root: Path,
+    records: list[Record],
+    size: int,
+    *,
+    cache: bool = True,
+    lung_crop: bool = False,
+    clahe: bool = False,
 ) -> np.ndarray:
     """Preprocessed float32 (N, size, size, 1) arrays for the records, cached as .npy under runs/cache.
 
     `lung_crop`: crop each image to its checked lung fields first (model/lungs.py; whole image when the check
-    fails), for the cross-validated comparison with and without the crop.
+    fails), for the cross-validated comparison with and without the crop. `clahe`: preprocess(clahe=True).
     """
     root = Path(root)
     seg_key = ""
@@ -177,7 +183,10 @@ def load_arrays(
         seg_key = "|lungcrop:" + sha256_file(SEG_DIR / "segmenter.tflite")[:12]
     key = hashlib.sha256(
         (
-            "\n".join(r.file for r in records) + f"|{size}|{PREPROCESS_VERSION}|{root.resolve()}" + seg_key
+            "\n".join(r.file for r in records)
+            + f"|{size}|{PREPROCESS_VERSION}|{root.resolve()}"
+            + seg_key
+            + ("|clahe" if clahe else "")
         ).encode()
     ).hexdigest()[:16]
     path = cache_dir() / f"x_{size}_{key}.npy"
@@ -188,7 +197,7 @@ def load_arrays(
         gray = decode_image((root / r.file).read_bytes())
         if lung_crop:
             gray = crop(gray, seg.check(gray))
-        x[i] = preprocess(gray, size)
+        x[i] = preprocess(gray, size, clahe=clahe)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")

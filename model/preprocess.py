@@ -27,6 +27,8 @@ __all__ = [
 
 PREPROCESS_VERSION = "pp2-gray-pad"
 _STRETCH_PERCENTILES = (1.0, 99.0)
+CLAHE_CLIP = 2.0  # OpenCV's default clip limit
+CLAHE_TILES = 8  # 8x8 tiles: the usual choice for chest films at 192-320 px
 
 
 def _fit(gray: np.ndarray, size: int) -> np.ndarray:
@@ -44,11 +46,20 @@ def _stretch(img: np.ndarray) -> np.ndarray:
     return np.clip((img - lo) / (hi - lo), 0.0, 1.0)
 
 
-def preprocess(gray: np.ndarray, size: int, *, contrast: bool = False) -> np.ndarray:
+def _clahe(img: np.ndarray) -> np.ndarray:
+    # OpenCV's CLAHE takes 8- or 16-bit images; 16 bits keeps the 12-15 bit DICOM films' depth.
+    u16 = np.clip(img * 65535.0 + 0.5, 0, 65535).astype(np.uint16)
+    out = cv2.createCLAHE(clipLimit=CLAHE_CLIP, tileGridSize=(CLAHE_TILES, CLAHE_TILES)).apply(u16)
+    return out.astype(np.float32) / 65535.0
+
+
+def preprocess(gray: np.ndarray, size: int, *, contrast: bool = False, clahe: bool = False) -> np.ndarray:
     """Resize keeping the aspect ratio and zero-pad to (size, size, 1) float32 in [0, 1]; deterministic.
 
     `contrast=True` (a 1st-99th percentile stretch) exists only for the ablation that measured it: it did not
     measurably help (docs/model.md), so training, evaluation and serving all use the default.
+    `clahe=True` (contrast-limited adaptive histogram equalisation on the resized image, before padding, so
+    the padding stays black) is the issue-10 ablation; it is cross-validated, not assumed to help.
     """
     gray = np.asarray(gray, dtype=np.float32)
     if gray.ndim == 3 and gray.shape[2] == 1:
@@ -58,6 +69,8 @@ def preprocess(gray: np.ndarray, size: int, *, contrast: bool = False) -> np.nda
     fitted = _fit(gray, size)
     if contrast:
         fitted = _stretch(fitted)
+    if clahe:
+        fitted = _clahe(fitted)
     out = np.zeros((size, size), dtype=np.float32)
     h, w = fitted.shape
     top, left = (size - h) // 2, (size - w) // 2

@@ -136,6 +136,21 @@ def test_preprocess_pads_keeps_aspect_and_is_deterministic(sample_files: list[Pa
     assert PREPROCESS_VERSION
 
 
+def test_clahe_option_raises_local_contrast_and_keeps_padding_black() -> None:
+    # a faint structure on a flat field: CLAHE (the issue-10 ablation) must make it stand out, stay in [0, 1],
+    # leave the letterbox padding black and be deterministic
+    gray = np.full((100, 200), 0.5, np.float32)
+    gray[40:60, 80:120] = 0.52
+    plain = preprocess(gray, 64)
+    eq = preprocess(gray, 64, clahe=True)
+    assert eq.shape == (64, 64, 1) and eq.dtype == np.float32
+    assert eq.min() >= 0.0 and eq.max() <= 1.0
+    assert np.all(eq[:15] == 0) and np.all(eq[-15:] == 0)
+    inside, outside = (slice(28, 36), slice(28, 36)), (slice(20, 22), slice(5, 10))
+    assert eq[inside].mean() - eq[outside].mean() > 3 * (plain[inside].mean() - plain[outside].mean())
+    assert np.array_equal(eq, preprocess(gray, 64, clahe=True))
+
+
 def test_train_and_serve_use_identical_preprocessing(cxr_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """The training cache is built with prepare(); the Predictor uses prepare(): same arrays bit for bit."""
     import model.data as data_mod
