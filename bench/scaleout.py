@@ -19,14 +19,20 @@ Everything below is made by this script on this machine and removed at the end, 
   - CPU: every host is a cgroup (v1 cpu + cpuacct, entered by a tiny shell wrapper before it execs the
     service, so a Celery parent's pool children are inside too); each worker gets the same CFS quota
     (--quota CPUs) and one inference thread; the services get --service-quota if given (default: none).
+    A quota is a ceiling, not a promise: on a shared machine other jobs can take a host's slice, so every
+    host's cgroup also weighs --shares (default 4096, four nice-0 processes) in the kernel's fair share.
 
-For each worker count (workers are added, never restarted): N studies are uploaded through the web's JSON
-API (groups of --upload-group, not started), then one API call starts the batch (the web enqueues every
-chunk); studies/s is timed from that call to the last study's `finished_at`. Then: ratio to the 1-worker
+For each worker count (workers are added, never restarted; each new one first screens an untimed warm-up
+chunk): N studies are uploaded through the web's JSON API (groups of --upload-group, not started), then one
+API call starts the batch (the web enqueues every chunk); studies/s is timed from that call to the last
+study's `finished_at`. Chunks are small (--chunk-size 16) so that the last round leaves few workers idle.
+Then: ratio to the 1-worker
 figure, per-worker efficiency ((rate_n / rate_1) / n, goal >= 0.85), and the CPU each host used
 (cpuacct.usage): the workers against their quota, PostgreSQL, Redis and the web against what each can use
 (its quota, else one core for Redis and the web, every core for PostgreSQL), so the output says which one
-saturates first.
+saturates first, with uploads counted in the per-study CPU of the web and PostgreSQL.
+Options: --studies, --workers 1,2,4, --quota, --service-quota, --shares, --chunk-size, --upload-group,
+--model-dir, --keep (leave the hosts' folders and logs), --json FILE.
 """
 
 from __future__ import annotations
@@ -544,7 +550,7 @@ def measure(cluster: Cluster, images: Sequence[tuple[str, bytes]], opts: Options
         "seconds": round(elapsed, 3),
         "studies_per_s": round(len(images) / elapsed, 2),
         "upload_files_per_s": round(len(images) / upload_s, 1),
-        "upload_cpu_s": {k: round(up_cpu1[k] - up_cpu0[k], 3) for k in ("web", "pg")},
+        "upload_cpu_s": {k: round(up_cpu1[k] - up_cpu0[k], 3) for k in up_cpu1},
         "window_s": round(window, 3),
         "cpu_s": {k: round(v, 3) for k, v in used.items()},
         "client_cpu_s": round(client1 - client0, 3),
@@ -570,6 +576,11 @@ def ceilings(lab: Lab, ncpu: int) -> dict[str, float]:
     return out
 
 
+def is_worker(host_name: str) -> bool:
+    """Worker hosts are w1, w2, ... (the others: pg, redis, web)."""
+    return re.fullmatch(r"w\d+", host_name) is not None
+
+
 def summarise(runs: list[dict[str, Any]], caps: dict[str, float], opts: Options, ncpu: int) -> dict[str, Any]:
     """Ratios, efficiency, each host's share of what it can use, and which service saturates first."""
     base = runs[0]["studies_per_s"] / runs[0]["workers"]  # per worker, from the smallest count measured
@@ -577,7 +588,7 @@ def summarise(runs: list[dict[str, Any]], caps: dict[str, float], opts: Options,
         n, w = run["workers"], run["window_s"]
         run["ratio_to_1"] = round(run["studies_per_s"] / base, 2)
         run["efficiency"] = round(run["studies_per_s"] / base / n, 2)
-        worker_cpu = sum(v for k, v in run["cpu_s"].items() if k.startswith("w"))
+        worker_cpu = sum(v for k, v in run["cpu_s"].items() if is_worker(k))
         run["workers_share_of_quota"] = round(worker_cpu / w / (opts.quota * n), 2)
         run["worker_cpu_ms_per_study"] = round(worker_cpu * 1000 / run["studies"], 2)
         run["share_of_ceiling"] = {k: round(run["cpu_s"][k] / w / caps[k], 3) for k in caps}
@@ -585,17 +596,24 @@ def summarise(runs: list[dict[str, Any]], caps: dict[str, float], opts: Options,
         ours = sum(run["cpu_s"].values()) / w + run["client_cpu_s"] / w
         run["other_cores"] = round(max(0.0, run["machine_busy_cores"] - ours), 2)
     last = runs[-1]
-    # CPU per study of each service in the largest run -> the rate at which it would use all it can.
-    per_study = {k: last["cpu_s"][k] / last["studies"] for k in caps}
-    saturates_at = {k: (caps[k] / v if v > 0 else float("inf")) for k, v in per_study.items()}
-    ours_per_study = sum(last["cpu_s"].values()) / last["studies"]
+    # CPU per study of each service in the largest run, uploads included (in production they arrive as fast
+    # as studies are screened) -> the rate at which it would use all the CPU it can.
+    per_study = {
+        k: (last["upload_cpu_s"].get(k, 0.0) + v) / last["studies"] for k, v in last["cpu_s"].items()
+    }
+    services = {k: per_study[k] for k in caps}
+    saturates_at = {k: (caps[k] / v if v > 0 else float("inf")) for k, v in services.items()}
     order = sorted(saturates_at, key=saturates_at.get)
     return {
-        "per_study_cpu_ms": {k: round(v * 1000, 3) for k, v in per_study.items()},
+        "per_study_cpu_ms": {k: round(v * 1000, 3) for k, v in services.items()}
+        | {"workers": round(sum(v for k, v in per_study.items() if is_worker(k)) * 1000, 3)},
+        "ceilings_cpus": caps,
         "saturates_at_studies_per_s": {k: round(v, 1) for k, v in saturates_at.items()},
         "saturates_at_workers": {k: round(v / base, 1) for k, v in saturates_at.items()},
         "first_to_saturate": order[0],
-        "machine_runs_out_at_studies_per_s": round(ncpu / ours_per_study, 1),
+        "first_shared_to_saturate": next(k for k in order if k != "web"),
+        "whole_service_cpu_ms_per_study": round(sum(per_study.values()) * 1000, 2),
+        "machine_runs_out_at_studies_per_s": round(ncpu / sum(per_study.values()), 1),
     }
 
 
@@ -682,10 +700,11 @@ def run(
 
 def table(report: dict[str, Any]) -> str:
     """The report as a Markdown table and a few sentences."""
-    q = report["quota"]
+    names = {"web": "web", "pg": "PostgreSQL", "redis": "Redis"}
     lines = [
-        f"| workers ({q} CPU each) | studies/s | x 1 worker | per-worker efficiency | workers' CPU / quota "
-        "| worker ms/study | PostgreSQL CPU | Redis CPU | web CPU | machine busy (other jobs) |",
+        f"| workers ({report['quota']} CPU each) | studies/s | x 1 worker | per-worker efficiency "
+        "| workers' CPU / quota | worker ms/study | PostgreSQL CPU | Redis CPU | web CPU "
+        "| machine busy (other jobs) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["runs"]:
@@ -693,28 +712,35 @@ def table(report: dict[str, Any]) -> str:
         lines.append(
             f"| {r['workers']} | {r['studies_per_s']:.1f} | {r['ratio_to_1']:.2f} | {r['efficiency']:.2f} "
             f"| {r['workers_share_of_quota']:.2f} | {r['worker_cpu_ms_per_study']:.1f} "
-            f"| {c['pg']:.2f} | {c['redis']:.3f} | {c['web']:.3f} "
+            f"| {c['pg']:.3f} | {c['redis']:.3f} | {c['web']:.3f} "
             f"| {r['machine_busy_cores']:.2f} of {report['cpus']} ({r['other_cores']:.2f}) |"
         )
-    s = report["summary"]
-    sat = s["saturates_at_studies_per_s"]
-    workers_at = s["saturates_at_workers"]
-    lines.append("")
-    lines.append(
-        "CPU per study (largest run): "
-        + ", ".join(f"{k} {v:.2f} ms" for k, v in s["per_study_cpu_ms"].items())
-        + "; at that cost each would use all it can at: "
-        + ", ".join(f"{k} {sat[k]:.0f} studies/s (~{workers_at[k]:.0f} workers)" for k in sat)
+    s, last = report["summary"], report["runs"][-1]
+    sat, at_workers, caps, ms = (
+        s["saturates_at_studies_per_s"],
+        s["saturates_at_workers"],
+        s["ceilings_cpus"],
+        s["per_study_cpu_ms"],
     )
-    lines.append(
-        f"First to saturate: {s['first_to_saturate']}. This machine ({report['cpus']} CPUs) runs out of CPU "
-        f"for the whole service at ~{s['machine_runs_out_at_studies_per_s']:.0f} studies/s, before any one."
-        if s["machine_runs_out_at_studies_per_s"] < min(sat.values())
-        else f"First to saturate: {s['first_to_saturate']}."
-    )
-    lines.append(
-        "CPU columns: cores used during the run (cpuacct); 'other': busy cores not ours (other jobs)."
-    )
+    lines += [
+        "",
+        "CPU columns: cores used from the start call to the last result (cpuacct); 'other': busy cores that "
+        "are not this benchmark's (other jobs on the machine).",
+        f"Uploads (untimed, before each start): {last['upload_files_per_s']:.0f} files/s in the last run.",
+        f"CPU per study, upload + screening ({last['workers']}-worker run): workers {ms['workers']:.2f} ms, "
+        + ", ".join(f"{names[k]} {ms[k]:.2f} ms" for k in caps)
+        + ". Each service would use all the CPU it can ("
+        + ", ".join(f"{names[k]} {caps[k]:g}" for k in caps)
+        + ") at: "
+        + ", ".join(f"{names[k]} ~{sat[k]:.0f} studies/s (~{at_workers[k]:.0f} workers)" for k in caps)
+        + ".",
+        f"First to saturate: {names[s['first_to_saturate']]}; first shared one (state every worker uses): "
+        f"{names[s['first_shared_to_saturate']]}. "
+        + ("Before either, this" if s["machine_runs_out_at_studies_per_s"] < min(sat.values()) else "This")
+        + f" {report['cpus']}-CPU machine runs out: the whole service needs "
+        f"{s['whole_service_cpu_ms_per_study']:.1f} ms of CPU per study, "
+        f"~{s['machine_runs_out_at_studies_per_s']:.0f} studies/s with nothing else running.",
+    ]
     return "\n".join(lines)
 
 

@@ -22,8 +22,6 @@ from store.tables import Prediction, Study, StudyStatus
 from tests.conftest import IN_CI
 from tests.procs import sample_images
 
-pytestmark = pytest.mark.slow
-
 STUDIES = 40
 
 
@@ -78,6 +76,7 @@ def children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+@pytest.mark.slow
 def test_hosts_in_own_namespaces_and_cgroups_each_study_once() -> None:
     require_lab()
     images = sample_images(STUDIES)
@@ -134,3 +133,46 @@ def test_hosts_in_own_namespaces_and_cgroups_each_study_once() -> None:
     assert not [p for p in seen[-1]["cgroups"] if p.exists()]
     assert not [p for s in seen for p in s["processes"] if p is not None and started(p[0]) == p]
     assert not seen[-1]["base"].exists()
+
+
+def _run(workers: int, rate: float, cpu: dict[str, float], upload: dict[str, float]) -> dict[str, Any]:
+    return {
+        "workers": workers,
+        "studies": 100,
+        "studies_per_s": rate,
+        "window_s": 100 / rate,
+        "cpu_s": cpu,
+        "upload_cpu_s": upload,
+        "client_cpu_s": 0.0,
+        "machine_busy_cores": 2.0,
+    }
+
+
+def test_summary_ratios_and_first_to_saturate() -> None:
+    runs = [
+        _run(
+            1,
+            10.0,
+            {"pg": 0.1, "redis": 0.01, "web": 0.2, "w1": 4.0},
+            {"pg": 0.1, "redis": 0, "web": 0.8, "w1": 0},
+        ),
+        _run(
+            2,
+            18.0,
+            {"pg": 0.1, "redis": 0.01, "web": 0.2, "w1": 2.0, "w2": 2.2},
+            {"pg": 0.1, "redis": 0, "web": 0.8},
+        ),
+    ]
+    caps = {"pg": 2.0, "redis": 1.0, "web": 1.0}
+    summary = scaleout.summarise(runs, caps, scaleout.Options(quota=0.4), ncpu=2)
+
+    assert (runs[1]["ratio_to_1"], runs[1]["efficiency"]) == (1.8, 0.9)
+    # Worker columns count w1, w2 only (not the web, whose name also starts with w).
+    assert runs[1]["worker_cpu_ms_per_study"] == 42.0
+    assert runs[1]["workers_share_of_quota"] == round(4.2 / (100 / 18) / 0.8, 2)
+    # Uploads count: web 10 ms/study on 1 core -> 100 studies/s; PostgreSQL 2 ms on 2 cores -> 1,000.
+    assert summary["per_study_cpu_ms"]["web"] == 10.0
+    assert summary["saturates_at_studies_per_s"]["web"] == 100.0
+    assert summary["saturates_at_studies_per_s"]["pg"] == 1000.0
+    assert (summary["first_to_saturate"], summary["first_shared_to_saturate"]) == ("web", "pg")
+    assert summary["saturates_at_workers"]["web"] == 10.0
