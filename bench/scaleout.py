@@ -165,7 +165,7 @@ def remove_netns(ns: str) -> None:
 
 
 def remove_stale() -> list[str]:
-    """Remove namespaces and cgroups a run of this script left behind when it was SIGKILLed (owner gone)."""
+    """Remove what a SIGKILLed run of this script left (namespaces, cgroups, temp folders of a gone owner)."""
     removed = []
     for line in sh("ip", "netns", "list", check=False).splitlines():
         ns = line.split()[0] if line.strip() else ""
@@ -179,6 +179,11 @@ def remove_stale() -> list[str]:
             if m and path.is_dir() and not pid_alive(int(m.group(1))):
                 remove_cgroup(path)
                 removed.append(str(path))
+    for path in Path(tempfile.gettempdir()).glob(f"{NAME_PREFIX}*-*"):
+        m = STALE_NAME.match(path.name)
+        if m and path.is_dir() and not pid_alive(int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
     return removed
 
 
@@ -763,7 +768,9 @@ def main() -> None:
     ap.add_argument(
         "--model-dir", type=Path, help="model artifact copied to each worker (default: committed)"
     )
-    ap.add_argument("--keep", action="store_true", help="keep the hosts' folders (logs) afterwards")
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the hosts' folders (logs) afterwards, until the next run"
+    )
     ap.add_argument("--json", type=Path, help="also write the report as JSON here")
     args = ap.parse_args()
     counts = tuple(int(x) for x in args.workers.split(","))
@@ -780,7 +787,9 @@ def main() -> None:
         model_dir=args.model_dir,
         keep=args.keep,
     )
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run's finally removes everything
+    # run's `finally` removes everything on Ctrl-C (also when started with SIGINT ignored: `cmd &`) or TERM.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     images = load_images(opts.studies, sources=FIXTURE_SOURCES)
     report = run(opts, images)
     print(table(report))
