@@ -116,7 +116,9 @@ def test_hosts_in_own_namespaces_and_cgroups_each_study_once() -> None:
         seen[-1].update(cgroups=list(lab.cgroups), base=lab.base)
 
     report = scaleout.run(
-        scaleout.Options(studies=STUDIES, workers=(1, 2), quota=0.4),
+        scaleout.Options(
+            studies=STUDIES, workers=(1, 2), quota=0.4, shares=1024
+        ),  # no priority: speed not asserted
         images,
         on_running=look_inside,
         say=lambda _line: None,
