@@ -115,10 +115,9 @@ def test_hosts_in_own_namespaces_and_cgroups_each_study_once() -> None:
         seen.append({"workers": run["workers"], "processes": processes, "namespaces": list(lab.namespaces)})
         seen[-1].update(cgroups=list(lab.cgroups), base=lab.base)
 
+    # The kernel's default cgroup weight (1024): no priority over other jobs, speed is not asserted.
     report = scaleout.run(
-        scaleout.Options(
-            studies=STUDIES, workers=(1, 2), quota=0.4, shares=1024
-        ),  # no priority: speed not asserted
+        scaleout.Options(studies=STUDIES, workers=(1, 2), quota=0.4, shares=1024),
         images,
         on_running=look_inside,
         say=lambda _line: None,
