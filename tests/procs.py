@@ -29,7 +29,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,23 +136,32 @@ def start_worker(
     queues: str = "inference,training",
     ready_timeout: float = 180.0,
     wait_ready: bool = True,
+    prefix: Sequence[str] = (),
 ) -> subprocess.Popen:
-    """Start a real `celery worker`; by default return once its pool process has loaded the model."""
+    """Start a real `celery worker`; by default return once its pool process has loaded the model.
+
+    prefix: a command the worker is started through (e.g. `ip netns exec NS ...`, which must exec it).
+    """
     log_path = log_path or Path(env["CXR_DATA_DIR"]) / f"worker-{time.monotonic_ns()}.log"
-    args = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queues, "--pool", pool]
+    args = [*prefix, sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queues, "--pool", pool]
     args += ["--concurrency", str(concurrency), "--without-mingle", "--without-gossip", "--loglevel", "INFO"]
     args += ["--hostname", f"test-{time.monotonic_ns()}@%h"]
     proc = _spawn(args, env, log_path)
     if wait_ready:
-        offset = 0
+        wait_workers_ready([proc], ready_timeout)
+    return proc
 
-        def ready() -> bool:
+
+def wait_workers_ready(workers: Sequence[subprocess.Popen], timeout: float = 180.0) -> None:
+    """Wait until every worker's pool process has loaded the model (fail at once if one exits)."""
+
+    def ready() -> bool:
+        for proc in workers:
             if proc.poll() is not None:
                 pytest.fail(f"worker exited with {proc.returncode} while starting:\n{log_tail(proc)}")
-            return WORKER_READY_MARK in log_path.read_text(errors="replace")[offset:]
+        return all(WORKER_READY_MARK in proc.log_path.read_text(errors="replace") for proc in workers)
 
-        wait_for(ready, ready_timeout, interval=0.25, message="the worker to load its model")
-    return proc
+    wait_for(ready, timeout, interval=0.25, message="the worker(s) to load the model")
 
 
 def start_beat(env: Mapping[str, str], *, log_path: Path | None = None) -> subprocess.Popen:
@@ -181,22 +190,31 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def start_web(
-    env: Mapping[str, str], *, port: int | None = None, log_path: Path | None = None, timeout: float = 60.0
+    env: Mapping[str, str],
+    *,
+    port: int | None = None,
+    log_path: Path | None = None,
+    timeout: float = 60.0,
+    host: str = "127.0.0.1",
+    prefix: Sequence[str] = (),
 ) -> tuple[subprocess.Popen, str]:
-    """Start the web app under waitress (as `cxr run` does); return the process and its base URL when up."""
+    """Start the web app under waitress (as `cxr run` does); return the process and its base URL when up.
+
+    host: the address it listens on; prefix: a command it is started through (as for start_worker).
+    """
     port = port or free_port()
     log_path = log_path or Path(env["CXR_DATA_DIR"]) / f"web-{port}.log"
-    args = [sys.executable, "-m", "waitress", "--host", "127.0.0.1", "--port", str(port), "--threads", "4"]
+    args = [*prefix, sys.executable, "-m", "waitress", "--host", host, "--port", str(port), "--threads", "4"]
     args += ["--call", "web:create_app"]
     proc = _spawn(args, env, log_path)
 
     def up() -> bool:
         if proc.poll() is not None:
             pytest.fail(f"web exited with {proc.returncode} while starting:\n{log_tail(proc)}")
-        return port_open(port)
+        return port_open(port, host)
 
-    wait_for(up, timeout, message=f"the web app on port {port}")
-    return proc, f"http://127.0.0.1:{port}"
+    wait_for(up, timeout, message=f"the web app on {host}:{port}")
+    return proc, f"http://{host}:{port}"
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
