@@ -172,5 +172,8 @@ def ops() -> str:
     except Exception as exc:  # noqa: BLE001 - the page shows what it can
         depths = f"{type(exc).__name__}: {exc}"
     return render_template(
-        "admin/ops.html", depths=depths, summary=ops_summary(get_db()), checks=readiness(settings, app)
+        "admin/ops.html",
+        depths=depths,
+        summary=ops_summary(get_db()),
+        checks=readiness(settings, app, model_files_here=False),
     )
