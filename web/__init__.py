@@ -10,9 +10,11 @@ import logging
 from typing import Any
 
 from flask import Flask, jsonify, render_template, request
+from flask_limiter import RateLimitExceeded
 from flask_smorest import Api
 from flask_wtf.csrf import CSRFError
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, TooManyRequests
+from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.wrappers import Response
 
 from config import Settings, load_settings
@@ -54,6 +56,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         OPENAPI_VERSION="3.0.3",
         OPENAPI_URL_PREFIX="/api",
         OPENAPI_JSON_PATH="openapi.json",
+        # Rate limits (web/ratelimit.py): one storage for every web process; a moving window, so a burst at
+        # a window's edge cannot double the rate. While Redis is unreachable each process counts alone.
+        RATELIMIT_STORAGE_URI=settings.ratelimit_storage_url,
+        RATELIMIT_STRATEGY="moving-window",
+        RATELIMIT_KEY_PREFIX="cxr",
+        RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=True,
     )
     app.config.update({k: v for k, v in config.items() if k.isupper()})
     if not app.testing:  # tests keep pytest's log capture as it is
@@ -61,10 +69,17 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
         setup_from_settings(settings, process="web")
 
+    if settings.proxy_hops:  # behind trusted proxies: the client address is the one they were sent from
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops, x_proto=settings.proxy_hops)
+
     from web.db import init_db
-    from web.extensions import csrf, login_manager
+    from web.extensions import csrf, limiter, login_manager
+    from web.ratelimit import LoginThrottle, retry_after_s
 
     init_db(app, settings)
+    limiter.init_app(app)
+    # The sign-in back-off keeps its counts in the limiter's storage (Redis in production).
+    app.extensions["cxr_login_throttle"] = LoginThrottle.from_settings(limiter.storage, settings)
     csrf.init_app(app)
     login_manager.init_app(app)
     login_manager.login_view = "auth.login"
@@ -130,6 +145,23 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         if _wants_json():
             return jsonify({"error": msg}), 413
         return render_template("error.html", code=413, message=msg), 413
+
+    @app.errorhandler(TooManyRequests)
+    def _too_many(exc: TooManyRequests) -> Response:
+        # Flask-Limiter's refusals name their limit; ours (sign-in back-off, busy uploads) carry retry_after.
+        retry = getattr(exc, "retry_after", None)
+        seconds = int(retry) if isinstance(retry, int | float) else retry_after_s()
+        if isinstance(exc, RateLimitExceeded):
+            msg = f"Too many requests (the limit is {exc.description}). Try again in {seconds} s."
+        else:
+            msg = exc.description or "Too many requests."
+        if _wants_json():
+            resp = jsonify({"error": msg, "retry_after": seconds})
+        else:
+            resp = Response(render_template("error.html", code=429, message=msg), mimetype="text/html")
+        resp.status_code = 429
+        resp.headers["Retry-After"] = str(seconds)
+        return resp
 
     @app.errorhandler(CSRFError)
     def _csrf_error(exc: CSRFError) -> tuple[str, int]:

@@ -20,9 +20,10 @@ from store.reports import BANDS, NOTICE, SORTS, STATUSES, ReportQuery, batch_pay
 from store.reviews import LABELS, ReviewError, review_study
 from store.studies import batch_progress, batches_visible_to, get_batch_for, get_study_for
 from store.tables import Batch, User
-from store.users import user_for_token
 from web.common import MAX_PER_PAGE, NOTE_MAX, REVIEW_ROLES, uploaded_files
 from web.db import get_db, get_settings
+from web.extensions import limiter
+from web.ratelimit import UPLOAD_SCOPE, api_limit, bearer_user, upload_limit, user_key
 
 
 class _JsonOrFormParser(FlaskParser):
@@ -41,6 +42,13 @@ class _Blueprint(Blueprint):
 
 bp = _Blueprint(
     "api", __name__, url_prefix="/api/v1", description="Batches, uploads, progress, results and reviews."
+)
+# One budget per user across the whole API (CXR_RATELIMIT_API), counted before the token is checked.
+limiter.shared_limit(api_limit, scope="api", key_func=user_key)(bp)
+# Uploads also count against CXR_RATELIMIT_UPLOAD, shared with the web form (override_defaults=False keeps
+# the API budget above on these routes too).
+_upload_limited = limiter.shared_limit(
+    upload_limit, scope=UPLOAD_SCOPE, key_func=user_key, methods=["POST"], override_defaults=False
 )
 # Every refused request is a 400, as before the schemas described the API.
 INVALID = 400
@@ -97,9 +105,7 @@ def _files() -> list[tuple[str, bytes]]:
 
 @bp.before_request
 def _authenticate() -> Response | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    user = user_for_token(get_db(), token.strip()) if scheme.lower() == "bearer" else None
+    user = bearer_user()
     if user is None:
         resp = jsonify({"error": "a valid API token is required (Authorization: Bearer <token>)"})
         resp.status_code = 401
@@ -157,6 +163,7 @@ def list_batches() -> Response:
 
 @bp.post("/batches")
 @bp.arguments(BatchCreateArgs, location="json", error_status_code=INVALID)
+@_upload_limited
 def create(params: dict[str, Any]) -> tuple[Response, int]:
     """Create a batch; with multipart files and start=true it is also uploaded and started in one call.
 
@@ -189,6 +196,7 @@ def create(params: dict[str, Any]) -> tuple[Response, int]:
 
 @bp.post("/batches/<int:batch_id>/files")
 @bp.arguments(PatientArgs, location="json", error_status_code=INVALID)
+@_upload_limited
 def upload(form: dict[str, Any], batch_id: int) -> tuple[Response, int]:
     """Add files (multipart field "files", repeatable; zips expanded) to a batch; they wait for start."""
     batch = _batch_or_404(batch_id, manage=True)

@@ -18,6 +18,8 @@ from store.studies import batch_progress, batches_visible_to, get_batch_for, get
 from web.auth import current_row
 from web.common import uploaded_files
 from web.db import get_db, get_settings
+from web.extensions import limiter
+from web.ratelimit import UPLOAD_SCOPE, upload_limit, user_key
 
 bp = Blueprint("batches", __name__)
 
@@ -52,6 +54,7 @@ def dashboard() -> str:
 
 @bp.route("/batches/new", methods=["GET", "POST"])
 @login_required
+@limiter.shared_limit(upload_limit, scope=UPLOAD_SCOPE, key_func=user_key, methods=["POST"])
 def new_batch() -> str | Response | tuple[str, int]:
     """Upload form; on submit the batch is stored, committed, then queued."""
     form = NewBatchForm()
