@@ -72,6 +72,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     if settings.proxy_hops:  # behind trusted proxies: the client address is the one they were sent from
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops, x_proto=settings.proxy_hops)
 
+    from intake.files import ServerBusy, UploadTooLarge
     from web.db import init_db
     from web.extensions import csrf, limiter, login_manager
     from web.ratelimit import LoginThrottle, retry_after_s
@@ -162,6 +163,16 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         resp.status_code = 429
         resp.headers["Retry-After"] = str(seconds)
         return resp
+
+    @app.errorhandler(UploadTooLarge)
+    def _inflates_too_much(exc: UploadTooLarge) -> tuple[Response | str, int]:
+        if _wants_json():
+            return jsonify({"error": str(exc)}), 413
+        return render_template("error.html", code=413, message=str(exc)), 413
+
+    @app.errorhandler(ServerBusy)
+    def _busy(exc: ServerBusy) -> Response:
+        return _too_many(TooManyRequests(str(exc), retry_after=exc.retry_after))
 
     @app.errorhandler(CSRFError)
     def _csrf_error(exc: CSRFError) -> tuple[str, int]:

@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from intake.batches import ingest_files, start_batch, submit_batch
+from intake.files import upload_scope
 from store.reports import BANDS, NOTICE, SORTS, STATUSES, ReportQuery, batch_payload
 from store.reviews import LABELS, ReviewError, review_study
 from store.studies import batch_progress, batches_visible_to, get_batch_for, get_study_for
@@ -177,16 +178,17 @@ def create(params: dict[str, Any]) -> tuple[Response, int]:
         abort(400, description='no files to start: send the images as multipart form field "files"')
     start = bool(files) and params["start"]
     # One path with or without start (the same audit event); started: committed, then enqueued.
-    result = submit_batch(
-        db,
-        owner=_user(),
-        name=name,
-        notes=notes,
-        files=files,
-        settings=get_settings(),
-        patient_id=params["patient_id"] or None,
-        start=start,
-    )
+    with upload_scope(get_settings()):  # inflated bytes stay counted until the batch is stored
+        result = submit_batch(
+            db,
+            owner=_user(),
+            name=name,
+            notes=notes,
+            files=files,
+            settings=get_settings(),
+            patient_id=params["patient_id"] or None,
+            start=start,
+        )
     body = _summary(result.batch)
     body.update(study_ids=result.study_ids, queued=result.start.queued)
     if start:
@@ -204,14 +206,15 @@ def upload(form: dict[str, Any], batch_id: int) -> tuple[Response, int]:
     if not files:
         abort(400, description='send the images as multipart form field "files"')
     db = get_db()
-    ids = ingest_files(
-        db,
-        batch=batch,
-        files=files,
-        settings=get_settings(),
-        patient_id=form["patient_id"] or None,
-    )
-    db.commit()
+    with upload_scope(get_settings()):
+        ids = ingest_files(
+            db,
+            batch=batch,
+            files=files,
+            settings=get_settings(),
+            patient_id=form["patient_id"] or None,
+        )
+        db.commit()
     body = _summary(batch)
     body["study_ids"] = ids
     return jsonify(body), 201

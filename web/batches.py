@@ -13,6 +13,7 @@ from wtforms import StringField, TextAreaField
 from wtforms.validators import Length, Optional
 
 from intake.batches import study_thumbnail, submit_batch
+from intake.files import upload_scope
 from store.retraining import retraining_progress
 from store.studies import batch_progress, batches_visible_to, get_batch_for, get_study_for
 from web.auth import current_row
@@ -64,15 +65,17 @@ def new_batch() -> str | Response | tuple[str, int]:
             flash("Choose at least one file to upload.", "error")
             return render_template("new_batch.html", form=form), 400
         settings = get_settings()
-        result = submit_batch(
-            get_db(),
-            owner=current_row(),
-            name=form.name.data or "",
-            notes=form.notes.data or "",
-            files=files,
-            settings=settings,
-            patient_id=form.patient_id.data or None,
-        )
+        # Inflated and decoded bytes stay counted until the batch is stored (intake.files.upload_scope).
+        with upload_scope(settings):
+            result = submit_batch(
+                get_db(),
+                owner=current_row(),
+                name=form.name.data or "",
+                notes=form.notes.data or "",
+                files=files,
+                settings=settings,
+                patient_id=form.patient_id.data or None,
+            )
         n = len(result.study_ids)
         msg = f"Batch “{result.batch.name}” received: {n} studies, {len(result.start.queued)} queued"
         msg += f", {result.failed} rejected (see the report)." if result.failed else "."
