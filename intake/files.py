@@ -306,7 +306,9 @@ def _unsafe_member(name: str) -> bool:
 def _inflate(zf: zipfile.ZipFile, info: zipfile.ZipInfo, member: str, account: UploadAccount) -> bytes:
     """A member's bytes, read a chunk at a time: refused as soon as it passes the per-file limit."""
     limit = account.settings.zip_member_max_bytes
-    out = io.BytesIO()
+    # Sized once from the header (zipfile never returns more than it declares; a larger one was refused):
+    # no growth by copying, and the pages are only touched as bytes arrive.
+    out = io.BytesIO(bytes(min(info.file_size, limit)))
     try:
         with zf.open(info) as fh:
             while chunk := fh.read(_INFLATE_CHUNK):
@@ -317,6 +319,7 @@ def _inflate(zf: zipfile.ZipFile, info: zipfile.ZipInfo, member: str, account: U
     except BaseException:
         account.release(out.tell())  # a member that fails half-way holds nothing
         raise
+    out.truncate()
     return out.getvalue()
 
 
