@@ -18,7 +18,6 @@ import logging
 import re
 import threading
 import zipfile
-import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -374,7 +373,9 @@ def expand_zip(
             continue
         try:
             blob = _inflate(zf, info, member, account)
-        except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, EOFError, OSError) as exc:
+        except UploadRefused:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a corrupt member (zipfile raises many kinds) is its own row
             yield member, f"The zip member could not be extracted ({type(exc).__name__})."
             continue
         yield member, blob
