@@ -21,7 +21,7 @@ from store.reports import BANDS, NOTICE, SORTS, STATUSES, ReportQuery, batch_pay
 from store.reviews import LABELS, ReviewError, review_study
 from store.studies import batch_progress, batches_visible_to, get_batch_for, get_study_for
 from store.tables import Batch, User
-from web.common import MAX_PER_PAGE, NOTE_MAX, REVIEW_ROLES, uploaded_files
+from web.common import MAX_PAGE, MAX_PER_PAGE, NOTE_MAX, REVIEW_ROLES, uploaded_files
 from web.db import get_db, get_settings
 from web.extensions import limiter
 from web.ratelimit import UPLOAD_SCOPE, api_limit, bearer_user, upload_limit, user_key
@@ -75,7 +75,7 @@ class BatchCreateArgs(_Lenient):
 class ResultsArgs(_Lenient):
     """GET /batches/<id>/results: filters, order and page (as on the report page)."""
 
-    page = fields.Integer(load_default=1, validate=validate.Range(min=1))
+    page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=MAX_PAGE))
     per_page = fields.Integer(load_default=PER_PAGE_API, validate=validate.Range(min=1, max=MAX_PER_PAGE))
     sort = fields.String(load_default="id", validate=validate.OneOf(SORTS))
     dir = fields.String(load_default="asc", validate=validate.OneOf(("asc", "desc")))

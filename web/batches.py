@@ -17,7 +17,7 @@ from intake.files import upload_scope
 from store.retraining import retraining_progress
 from store.studies import batch_progress, batches_visible_to, get_batch_for, get_study_for
 from web.auth import current_row
-from web.common import uploaded_files
+from web.common import row_ids, uploaded_files
 from web.db import get_db, get_settings
 from web.extensions import limiter
 from web.ratelimit import UPLOAD_SCOPE, upload_limit, user_key
@@ -98,7 +98,7 @@ def progress_many() -> Response:
     """Progress of the requested batches (?ids=1,2,3) the user may see; ?retraining=1 adds the active run."""
     db = get_db()
     user = current_row()
-    wanted = [int(x) for x in request.args.get("ids", "").split(",") if x.strip().isdigit()][:200]
+    wanted = row_ids(request.args.get("ids", ""), limit=200)
     visible = [b.id for b in (get_batch_for(db, user=user, batch_id=i) for i in wanted) if b is not None]
     progress = batch_progress(db, batch_ids=visible)
     body: dict[str, Any] = {str(bid): p.as_dict() for bid, p in progress.items()}
