@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 UPLOAD_SCOPE = "upload"  # one bucket per user for the web form and the API uploads together
+WARN_EVERY_S = 60  # while the shared storage is unreachable, say so this often
 
 
 def _settings() -> Settings:
@@ -96,6 +97,7 @@ class LoginThrottle:
         self.storage = storage
         self.policies = {"account": account, "address": address}
         self._fallback = MemoryStorage()
+        self._warned_at = -math.inf
 
     @classmethod
     def from_settings(cls, storage: Storage, settings: Settings) -> LoginThrottle:
@@ -122,7 +124,10 @@ class LoginThrottle:
         try:
             return op(self.storage)
         except Exception:  # noqa: BLE001 - a Redis outage must not turn every sign-in into a 500
-            log.warning("rate-limit storage unreachable; counting sign-in failures in this process")
+            now = time.monotonic()
+            if now - self._warned_at > WARN_EVERY_S:  # once a minute, not once a request
+                self._warned_at = now
+                log.warning("rate-limit storage unreachable; counting sign-in failures in this process")
             return op(self._fallback)
 
     def wait_s(self, username: str, address: str) -> int:

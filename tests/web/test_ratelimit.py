@@ -20,7 +20,7 @@ from store.db import session_scope
 from store.tables import User
 from store.users import issue_api_token
 from tests.conftest import make_user
-from tests.procs import service_env, start_web, stop
+from tests.procs import free_port, service_env, start_web, stop
 from tests.web.conftest import PASSWORD, png_bytes, upload
 from web import create_app
 from web.ratelimit import Backoff
@@ -166,6 +166,17 @@ def test_upload_and_api_limits_per_user(make_app: MakeApp) -> None:
     assert upload(bob, [("c.png", png_bytes())]).status_code == 302, "per user"
     for path in ("/healthz", "/metrics", "/batches/progress.json?ids=1"):
         assert {alice.get(path).status_code for _ in range(30)} == {200}, path
+
+
+@pytest.mark.hardening("rate-limit storage unreachable: each process counts alone, no 500")
+def test_an_unreachable_storage_counts_in_the_process(make_app: MakeApp) -> None:
+    """With the shared storage down (nothing listens on its port), sign-ins are still slowed, counted in the
+    process, and the API still answers: an outage of Redis is not an outage of the site."""
+    app = make_app(ratelimit_storage_url=f"redis://127.0.0.1:{free_port()}/0", login_account_failures=2)
+    client = _client(app)
+    assert [_login(client, "alice", "wrong").status_code for _ in range(4)] == [401, 401, 401, 429]
+    headers = {"Authorization": f"Bearer {_token(app, 'bob')}"}
+    assert app.test_client().get("/api/v1/batches", headers=headers).status_code == 200
 
 
 def _form_login(base: str, username: str, password: str) -> tuple[int, str | None]:
