@@ -417,7 +417,7 @@ def _iter_checked(
                     yield _failed(member, 0, content, "zip")
                 else:
                     checked = _checked(member, content, settings, patient_id, account)
-                    if not checked.ok:
+                    if checked.data is None:  # refused and dropped: no longer held
                         account.release(len(content))
                     del content
                     yield checked
