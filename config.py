@@ -85,6 +85,25 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"  # json: one JSON object per line, with batch and study ids
     log_level: str = "INFO"
     worker_metrics_port: int = 0  # a worker's /metrics port (its pool processes added up); 0: none
+    # Rate limits (issue 13, web/ratelimit.py, Flask-Limiter): counters live in this storage, shared by every
+    # web process. Default: memory:// in development and tests; in production the broker when it is Redis.
+    ratelimit_storage_url: str = ""
+    ratelimit_upload: str = "30/minute;300/hour"  # uploads per user (web form and API together)
+    ratelimit_api: str = "600/minute"  # JSON API requests per user (per address without a valid token)
+    # Failed sign-ins: this many are free per user name (known or not) and per client address within the
+    # window; each one after that doubles the wait, from login_backoff_s up to login_backoff_max_s.
+    login_account_failures: int = 5
+    login_address_failures: int = 20
+    login_backoff_s: int = 2
+    login_backoff_max_s: int = 900
+    login_window_s: int = 3600
+    proxy_hops: int = 0  # trusted reverse proxies in front of the web (their X-Forwarded-For is believed)
+    # Bytes actually inflated from uploaded zips (intake.files), counted as they inflate: per member, per
+    # upload (default: max_upload_bytes) and for the whole process (every request's bytes in flight together,
+    # decoded DICOM pixels included).
+    zip_member_max_bytes: int = 64 * 1024 * 1024
+    max_inflated_bytes: int = 0
+    max_inflight_bytes: int = 1024 * 1024 * 1024
 
     @field_validator("retrain_seeds", mode="before")
     @classmethod
@@ -132,6 +151,17 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("ratelimit_upload", "ratelimit_api")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        from limits import parse_many
+
+        try:
+            parse_many(value)
+        except ValueError as exc:
+            raise ValueError(f"not a rate limit like '30/minute;300/hour' ({exc})") from exc
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _production_needs_secrets(cls, data: Any) -> Any:
@@ -159,6 +189,8 @@ class Settings(BaseSettings):
             "task_soft_time_limit_s": self.task_soft_time_limit_s or max(30, hard - 30),
             "retrain_base_data": base,
             "retrain_split": (self.retrain_split or _default_split(base, data_dir)).resolve(),
+            "ratelimit_storage_url": self.ratelimit_storage_url or _ratelimit_storage(self),
+            "max_inflated_bytes": self.max_inflated_bytes or self.max_upload_bytes,
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)
@@ -184,6 +216,18 @@ def _default_split(base: Path, data_dir: Path) -> Path:
     if base == SHARED_CXR_DATA.resolve():
         return LOCKED_SPLIT
     return data_dir / "retrain" / f"split-{base.name}.csv"
+
+
+def _ratelimit_storage(settings: Settings) -> str:
+    """memory:// outside production; in production the broker when it is Redis, else a readable refusal."""
+    if settings.env != "production":
+        return "memory://"
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        return settings.broker_url
+    raise ValueError(
+        f"production needs {PREFIX}RATELIMIT_STORAGE_URL (e.g. redis://host:6379/1) when the broker is not "
+        "Redis: rate limits must be counted in one place shared by every web process"
+    )
 
 
 def parse_destination(value: str) -> tuple[str, str, int] | None:

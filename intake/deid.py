@@ -277,15 +277,22 @@ def deidentify_bytes(data: bytes, *, key: str, fallback_patient: str | None = No
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
     except Exception as exc:  # noqa: BLE001 - any parser failure means: not stored
         raise DeidError(f"the DICOM header could not be read ({type(exc).__name__})") from exc
-    pseudonym = deidentify_dataset(ds, key=key, fallback_patient=fallback_patient)
-    meta = ds.file_meta if isinstance(getattr(ds, "file_meta", None), FileMetaDataset) else FileMetaDataset()
-    if "SOPInstanceUID" in ds:
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    for tag in [t for t in list(meta.keys()) if int(t) in _META_DROP]:  # noqa: SIM118 - tags, not elements
-        del meta[tag]  # the sender's AE titles and private meta information: not ours to keep
-    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
-    ds.file_meta = meta
+    try:
+        # pydicom parses elements lazily: a malformed one (an unknown VR, a bad length) fails only here.
+        pseudonym = deidentify_dataset(ds, key=key, fallback_patient=fallback_patient)
+        meta = ds.file_meta if isinstance(getattr(ds, "file_meta", None), FileMetaDataset) else None
+        meta = meta or FileMetaDataset()
+        if "SOPInstanceUID" in ds:
+            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        for tag in [t for t in list(meta.keys()) if int(t) in _META_DROP]:  # noqa: SIM118 - tags, not elements
+            del meta[tag]  # the sender's AE titles and private meta information: not ours to keep
+        meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+        ds.file_meta = meta
+    except DeidError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - found by tests/intake/test_fuzz_decoders.py: never a 500
+        raise DeidError(f"the DICOM data set could not be de-identified ({type(exc).__name__})") from exc
     buf = io.BytesIO()
     try:
         ds.save_as(buf, enforce_file_format=True)

@@ -14,12 +14,14 @@ upload.
 
 from __future__ import annotations
 
+import contextvars
 import io
 import logging
 import re
+import threading
 import zipfile
-import zlib
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from config import Settings
@@ -28,6 +30,7 @@ from intake.formats import (
     MIN_IMAGE_SIDE,
     ImageDecodeError,
     check_structure,
+    decode_cost,
     decode_image,
     image_dimensions,
     sniff_format,
@@ -44,6 +47,111 @@ _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 _CONTROL = re.compile("[\x00-\x1f\x7f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 # macOS archive litter: not images, and failing each of them would only bury the real results.
 _ZIP_JUNK = re.compile(r"(^|/)(__MACOSX/|\.DS_Store$|\._)")
+
+
+_INFLATE_CHUNK = 1 << 20  # zip members are read this many inflated bytes at a time
+BUSY_RETRY_S = 10  # the Retry-After hint when the process budget is spent (others' uploads finish first)
+
+
+class UploadRefused(Exception):
+    """The whole upload is refused and nothing of it is stored; the message names the limit."""
+
+
+class UploadTooLarge(UploadRefused):
+    """A zip inflates beyond a limit on its own (per file, per upload): the web answers 413."""
+
+
+class ServerBusy(UploadRefused):
+    """The process's bytes in flight (every upload's inflated and decoded bytes) are at their limit: 429."""
+
+    retry_after = BUSY_RETRY_S
+
+
+class ByteBudget:
+    """Bytes held by every thread of this process at once, against one ceiling (CXR_MAX_INFLIGHT_BYTES).
+
+    A reservation larger than the whole ceiling is granted only when nothing else is held, so one image as
+    large as the pixel cap still decodes when the process is otherwise idle.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.peak = 0
+
+    def take(self, n: int, limit: int) -> bool:
+        """Reserve n bytes if they fit under limit (or nothing else is held); False when they do not."""
+        with self._lock:
+            if self.in_flight and self.in_flight + n > limit:
+                return False
+            self.in_flight += n
+            self.peak = max(self.peak, self.in_flight)
+            return True
+
+    def give(self, n: int) -> None:
+        """Return n reserved bytes."""
+        with self._lock:
+            self.in_flight -= n
+
+
+PROCESS_BUDGET = ByteBudget()
+
+
+class UploadAccount:
+    """One upload's bytes: inflated in all (CXR_MAX_INFLATED_BYTES) and held now (the process budget)."""
+
+    def __init__(self, settings: Settings, budget: ByteBudget = PROCESS_BUDGET) -> None:
+        self.settings = settings
+        self.budget = budget
+        self.inflated = 0
+        self.held = 0
+
+    def hold(self, n: int, what: str) -> None:
+        """Reserve n bytes of the process budget for this upload, or raise ServerBusy naming the limit."""
+        limit = self.settings.max_inflight_bytes
+        if not self.budget.take(n, limit):
+            raise ServerBusy(
+                f"The server is busy with other uploads ({what} would pass the {limit / 2**20:.0f} MB it "
+                f"holds for uploads at once, CXR_MAX_INFLIGHT_BYTES); nothing was stored. "
+                f"Try again in {BUSY_RETRY_S} s."
+            )
+        self.held += n
+
+    def inflate(self, n: int, member: str) -> None:
+        """Count n freshly inflated bytes of member against the upload's limit, then hold them."""
+        limit = self.settings.max_inflated_bytes
+        self.inflated += n
+        if self.inflated > limit:
+            raise UploadTooLarge(
+                f"The zip archives of this upload expand beyond {limit / 2**20:.0f} MB "
+                f"(reached while reading {member}); nothing was stored. Split it into several batches."
+            )
+        self.hold(n, f"expanding {member}")
+
+    def release(self, n: int) -> None:
+        """Bytes this upload no longer holds (a refused file's bytes were dropped)."""
+        n = min(n, self.held)
+        self.budget.give(n)
+        self.held -= n
+
+    def close(self) -> None:
+        """Give back everything still held (the upload is stored or refused)."""
+        self.release(self.held)
+
+
+_ACCOUNT: contextvars.ContextVar[UploadAccount | None] = contextvars.ContextVar("cxr_upload", default=None)
+
+
+@contextmanager
+def upload_scope(settings: Settings, budget: ByteBudget = PROCESS_BUDGET) -> Iterator[UploadAccount]:
+    """Hold this upload's bytes until the block ends (the web wraps a whole request, until it is stored)."""
+    account = UploadAccount(settings, budget)
+    token = _ACCOUNT.set(account)
+    try:
+        yield account
+    finally:
+        _ACCOUNT.reset(token)
+        account.close()
 
 
 @dataclass
@@ -203,13 +311,44 @@ def _unsafe_member(name: str) -> bool:
     )
 
 
+def _inflate(zf: zipfile.ZipFile, info: zipfile.ZipInfo, member: str, account: UploadAccount) -> bytes:
+    """A member's bytes, read a chunk at a time: refused as soon as it passes the per-file limit."""
+    limit = account.settings.zip_member_max_bytes
+    # Sized once from the header (zipfile never returns more than it declares; a larger one was refused):
+    # no growth by copying, and the pages are only touched as bytes arrive.
+    out = io.BytesIO(bytes(min(info.file_size, limit)))
+    try:
+        with zf.open(info) as fh:
+            while chunk := fh.read(_INFLATE_CHUNK):
+                if out.tell() + len(chunk) > limit:
+                    raise UploadTooLarge(_member_too_large(member, limit))
+                account.inflate(len(chunk), member)
+                out.write(chunk)
+    except BaseException:
+        account.release(out.tell())  # a member that fails half-way holds nothing
+        raise
+    out.truncate()
+    return out.getvalue()
+
+
+def _member_too_large(member: str, limit: int) -> str:
+    return (
+        f"The zip archive holds a file that expands beyond {limit / 2**20:.0f} MB ({member}), the limit "
+        "per file; nothing was stored."
+    )
+
+
 def expand_zip(
-    name: str, data: bytes, settings: Settings, *, max_members: int
+    name: str, data: bytes, settings: Settings, *, max_members: int, account: UploadAccount | None = None
 ) -> Iterator[tuple[str, bytes | str]]:
     """Yield (display name, member bytes) for each member, or (display name, error text) when refused.
 
-    Nothing is written to disk. Caps: member count, total declared and actual uncompressed size.
+    Nothing is written to disk. Members are inflated a chunk at a time and counted as they inflate (not as
+    their headers say): past the per-file (CXR_ZIP_MEMBER_MAX_BYTES) or per-upload (CXR_MAX_INFLATED_BYTES)
+    limit the whole upload is refused (UploadTooLarge), and past the process's bytes in flight
+    (CXR_MAX_INFLIGHT_BYTES) it is refused as busy (ServerBusy). Declared sizes refuse early.
     """
+    account = account or UploadAccount(settings)
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = [i for i in zf.infolist() if not i.is_dir() and not _ZIP_JUNK.search(i.filename)]
@@ -222,17 +361,17 @@ def expand_zip(
     if len(infos) > max_members:
         yield name, f"The zip archive holds {len(infos)} files, over the limit of {max_members} per upload."
         return
-    budget = settings.max_upload_bytes
+    budget = settings.max_inflated_bytes - account.inflated
     declared = sum(i.file_size for i in infos)
     if declared > budget:
-        yield (
-            name,
-            (
-                f"The zip archive would expand to {declared / 2**20:.0f} MB, over the "
-                f"{budget / 2**20:.0f} MB limit; it was not expanded."
-            ),
+        raise UploadTooLarge(
+            f"The zip archive {name} would expand to {declared / 2**20:.0f} MB, over the "
+            f"{settings.max_inflated_bytes / 2**20:.0f} MB limit per upload; it was not expanded and nothing "
+            "was stored. Split it into several batches."
         )
-        return
+    biggest = max(infos, key=lambda i: i.file_size)
+    if biggest.file_size > settings.zip_member_max_bytes:
+        raise UploadTooLarge(_member_too_large(f"{name}/{biggest.filename}", settings.zip_member_max_bytes))
     for info in infos:
         member = f"{name}/{clean_filename(info.filename, keep_dirs=True)}"[:512]
         if _unsafe_member(info.filename):
@@ -242,23 +381,37 @@ def expand_zip(
             yield member, "The zip member is encrypted and cannot be read."
             continue
         try:
-            with zf.open(info) as fh:
-                # Read at most the remaining budget + 1 byte: a lying header cannot make us inflate more.
-                blob = fh.read(budget + 1)
-        except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, EOFError, OSError) as exc:
+            blob = _inflate(zf, info, member, account)
+        except UploadRefused:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a corrupt member (zipfile raises many kinds) is its own row
             yield member, f"The zip member could not be extracted ({type(exc).__name__})."
             continue
-        if len(blob) > budget:
-            yield member, "The zip archive expands beyond the upload size limit; the rest was not read."
-            return
-        budget -= len(blob)
         yield member, blob
+        del blob  # not kept here while the next member inflates
 
 
 def iter_checked(
     files: Iterable[tuple[str, bytes]], settings: Settings, *, patient_id: str | None
 ) -> Iterator[ValidatedFile]:
-    """Validate each file (zips expanded) up to the per-upload cap; files over it become one FAILED row."""
+    """Validate each file (zips expanded) up to the per-upload cap; files over it become one FAILED row.
+
+    Inflated and decoded bytes are counted against this upload's account (upload_scope, else one of its
+    own for as long as this runs): a refused file's bytes are given back at once, a kept file's when the
+    upload ends. An upload past a byte limit raises UploadRefused, and nothing of it should be stored.
+    """
+    scoped = _ACCOUNT.get()
+    account = scoped or UploadAccount(settings)
+    try:
+        yield from _iter_checked(files, settings, patient_id, account)
+    finally:
+        if scoped is None:
+            account.close()
+
+
+def _iter_checked(
+    files: Iterable[tuple[str, bytes]], settings: Settings, patient_id: str | None, account: UploadAccount
+) -> Iterator[ValidatedFile]:
     remaining = settings.max_files_per_upload
     refused = 0
     for raw_name, data in files:
@@ -267,18 +420,34 @@ def iter_checked(
             refused += 1
             continue
         if is_zip(data):
-            for member, content in expand_zip(name, data, settings, max_members=remaining):
+            for member, content in expand_zip(name, data, settings, max_members=remaining, account=account):
                 remaining -= 1
                 if isinstance(content, str):
                     yield _failed(member, 0, content, "zip")
                 else:
-                    yield validate_file(member, content, settings, patient_id=patient_id)
+                    checked = _checked(member, content, settings, patient_id, account)
+                    if checked.data is None:  # refused and dropped: no longer held
+                        account.release(len(content))
+                    del content
+                    yield checked
             continue
         remaining -= 1
-        yield validate_file(name, data, settings, patient_id=patient_id)
+        yield _checked(name, data, settings, patient_id, account)
     if refused:
         yield _failed(
             f"({refused} more files)",
             0,
             f"{refused} files were not accepted: at most {settings.max_files_per_upload} files per upload.",
         )
+
+
+def _checked(
+    name: str, data: bytes, settings: Settings, patient_id: str | None, account: UploadAccount
+) -> ValidatedFile:
+    """validate_file, holding the decode's estimated memory meanwhile (DICOM: decoded in full at upload)."""
+    cost = decode_cost(data) if sniff_format(data) == "dicom" else 0
+    account.hold(cost, f"decoding {name}")
+    try:
+        return validate_file(name, data, settings, patient_id=patient_id)
+    finally:
+        account.release(cost)

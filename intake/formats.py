@@ -98,10 +98,68 @@ def _jpeg_dimensions(data: bytes) -> tuple[int, int]:
     raise ImageDecodeError("JPEG file is truncated or has no image header")
 
 
-def _read_dicom(data: bytes, *, pixels: bool):
+_DEFLATED_TS = b"1.2.840.10008.1.2.1.99"
+# Deflated DICOM: pydicom inflates the whole data set at once, so a small file could expand without bound.
+# It is inflated here first, in chunks, and refused past this many bytes per pixel of the pixel cap.
+DEFLATE_BYTES_PER_PIXEL = 4
+_INFLATE_CHUNK = 1 << 20
+
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def _file_meta(data: bytes) -> tuple[bytes, int]:
+    """(transfer syntax UID, offset of the data set) from the file meta group (explicit VR, little endian)."""
+    pos, n, syntax = 132, len(data), b""
+    while pos + 8 <= n:
+        group, element = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            break
+        vr = data[pos + 4 : pos + 6]
+        if vr in _LONG_VRS:
+            if pos + 12 > n:
+                break
+            (length,) = struct.unpack_from("<I", data, pos + 8)
+            value_at = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            value_at = pos + 8
+        if element == 0x0010:
+            syntax = data[value_at : value_at + length].rstrip(b"\x00 ")
+        pos = value_at + length
+    return syntax, pos
+
+
+def _check_deflated_size(data: bytes, max_pixels: int) -> None:
+    """Refuse a deflated DICOM whose data set inflates past DEFLATE_BYTES_PER_PIXEL x the pixel cap."""
+    syntax, start = _file_meta(data)
+    if syntax != _DEFLATED_TS:
+        return
+    limit = DEFLATE_BYTES_PER_PIXEL * max_pixels
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    view = memoryview(data)
+    total = 0
+    try:
+        # Inflate a chunk at a time, at most a chunk out per call, counting what comes out; nothing is kept.
+        for offset in range(start, len(data), _INFLATE_CHUNK):
+            pending: bytes | memoryview = view[offset : offset + _INFLATE_CHUNK]
+            while pending:
+                total += len(inflater.decompress(pending, _INFLATE_CHUNK))
+                if total > limit:
+                    raise ImageDecodeError(
+                        f"its deflated data expands beyond {limit / 2**20:.0f} MB "
+                        f"({DEFLATE_BYTES_PER_PIXEL} bytes per pixel of the pixel limit)"
+                    )
+                pending = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise ImageDecodeError("its deflated data is corrupt") from exc
+
+
+def _read_dicom(data: bytes, *, pixels: bool, max_pixels: int = DEFAULT_MAX_PIXELS):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    _check_deflated_size(data, max_pixels)
     try:
         return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=not pixels, force=False)
     except InvalidDicomError as exc:
@@ -197,15 +255,21 @@ def _window(arr: np.ndarray, ds) -> np.ndarray:
     return (arr - lo_data) / (hi_data - lo_data)
 
 
-def _decode_dicom(data: bytes) -> np.ndarray:
+def _decode_dicom(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut
 
-    ds = _read_dicom(data, pixels=True)
+    ds = _read_dicom(data, pixels=True, max_pixels=max_pixels)
     if "PixelData" not in ds:
         raise ImageDecodeError("DICOM file holds no pixel data")
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     ts_name = ts.name if ts is not None else "unknown transfer syntax"
     try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError) as exc:
+        raise ImageDecodeError("DICOM NumberOfFrames is not a number") from exc
+    try:
+        if frames > 1:  # only the first frame is read: a many-frame file must not decode every frame
+            ds.pixel_array_options(index=0)
         arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - decoder errors vary by plugin
         if "2000" in ts_name:
@@ -216,9 +280,6 @@ def _decode_dicom(data: bytes) -> np.ndarray:
             reason = f"{ts_name} data is corrupt or truncated"
         raise ImageDecodeError(f"DICOM pixel data could not be decoded ({reason})") from exc
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        arr = arr[0]
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         if arr.ndim == 3 and arr.shape[-1] == 3:
             if photometric.startswith("YBR"):
@@ -253,10 +314,28 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise _not_an_image()
     width, height = image_dimensions(data)
     check_pixel_cap(width, height, max_pixels)
-    img = _decode_dicom(data) if fmt == "dicom" else _decode_raster(data, fmt)
+    img = _decode_dicom(data, max_pixels) if fmt == "dicom" else _decode_raster(data, fmt)
     if img.ndim != 2 or min(img.shape) < MIN_IMAGE_SIDE:
         raise ImageDecodeError(f"image is too small to read ({img.shape[1]}x{img.shape[0]} pixels)")
     return img
+
+
+# Peak bytes per pixel while decoding (estimates from the decode paths above): DICOM holds its stored pixels,
+# the float64 modality and window arrays and their temporaries; PNG/JPEG the decoded raster (up to 16-bit
+# RGBA) and two float32 arrays.
+DECODE_BYTES_PER_PIXEL = {"dicom": 32, "png": 16, "jpeg": 16}
+
+
+def decode_cost(data: bytes) -> int:
+    """Estimated peak memory in bytes of decode_image on data, from its headers (0 when they do not parse)."""
+    fmt = sniff_format(data)
+    if fmt is None:
+        return 0
+    try:
+        width, height = image_dimensions(data)
+    except Exception:  # noqa: BLE001 - any header failure: the validation that follows says why
+        return 0
+    return max(0, width) * max(0, height) * DECODE_BYTES_PER_PIXEL[fmt]
 
 
 def make_thumbnail(data: bytes, max_side: int = 160) -> bytes:

@@ -96,3 +96,25 @@ def test_no_type_ignore_in_celery_configuration() -> None:
     """The Celery app carries typed settings: no `type: ignore` left in worker/."""
     for path in (REPO_ROOT / "worker").glob("*.py"):
         assert "type: ignore" not in path.read_text(), path
+
+
+def test_rate_limit_storage_in_production(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Production counts rate limits in the Redis broker by default; with another broker it must be told
+    where (CXR_RATELIMIT_STORAGE_URL); development and tests count in memory. A limit that does not parse
+    names its variable."""
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path))
+    assert load_settings().ratelimit_storage_url == "memory://"
+    for name, value in (("DATABASE_URL", "postgresql+psycopg://u@h/db"), ("SECRET_KEY", "k" * 48)):
+        monkeypatch.setenv("CXR_" + name, value)
+    monkeypatch.setenv("CXR_DEID_KEY", "p" * 48)
+    monkeypatch.setenv("CXR_ENV", "production")
+    monkeypatch.setenv("CXR_BROKER_URL", "redis://h:6379/0")
+    assert load_settings().ratelimit_storage_url == "redis://h:6379/0"
+    monkeypatch.setenv("CXR_BROKER_URL", "amqp://guest:guest@h:5672//")
+    with pytest.raises(ConfigError, match="CXR_RATELIMIT_STORAGE_URL"):
+        load_settings()
+    monkeypatch.setenv("CXR_RATELIMIT_STORAGE_URL", "redis://h:6379/3")
+    assert load_settings().ratelimit_storage_url == "redis://h:6379/3"
+    monkeypatch.setenv("CXR_RATELIMIT_API", "often")
+    with pytest.raises(ConfigError, match="CXR_RATELIMIT_API"):
+        load_settings()

@@ -10,14 +10,26 @@ import logging
 from typing import Any
 
 from flask import Flask, jsonify, render_template, request
+from flask_limiter import RateLimitExceeded
 from flask_smorest import Api
 from flask_wtf.csrf import CSRFError
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, TooManyRequests
+from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.routing import IntegerConverter, Map
 from werkzeug.wrappers import Response
 
 from config import Settings, load_settings
+from web.common import MAX_ROW_ID
 
 log = logging.getLogger(__name__)
+
+
+class RowIdConverter(IntegerConverter):
+    """<int:...> bounded to what SQL can hold (a BIGINT): a larger number does not match the route."""
+
+    def __init__(self, map: Map, *args: Any, **kwargs: Any) -> None:  # noqa: A002 - werkzeug's name
+        kwargs.setdefault("max", MAX_ROW_ID)
+        super().__init__(map, *args, **kwargs)
 
 
 def _apply_overrides(settings: Settings, config: dict[str, Any]) -> Settings:
@@ -35,6 +47,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     settings = _apply_overrides(load_settings(), config)
 
     app = Flask(__name__)
+    # Every <int:...> in a route is a row id: past 2**63 - 1 it is a 404 (schemathesis found the 500).
+    app.url_map.converters["int"] = RowIdConverter
     app.config.update(
         SECRET_KEY=settings.secret_key,
         MAX_CONTENT_LENGTH=settings.max_upload_bytes,
@@ -54,6 +68,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         OPENAPI_VERSION="3.0.3",
         OPENAPI_URL_PREFIX="/api",
         OPENAPI_JSON_PATH="openapi.json",
+        # Rate limits (web/ratelimit.py): one storage for every web process; a moving window, so a burst at
+        # a window's edge cannot double the rate. While Redis is unreachable each process counts alone.
+        RATELIMIT_STORAGE_URI=settings.ratelimit_storage_url,
+        RATELIMIT_STRATEGY="moving-window",
+        RATELIMIT_KEY_PREFIX="cxr",
+        RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=True,
     )
     app.config.update({k: v for k, v in config.items() if k.isupper()})
     if not app.testing:  # tests keep pytest's log capture as it is
@@ -61,10 +81,18 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
         setup_from_settings(settings, process="web")
 
+    if settings.proxy_hops:  # behind trusted proxies: the client address is the one they were sent from
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops, x_proto=settings.proxy_hops)
+
+    from intake.files import ServerBusy, UploadTooLarge
     from web.db import init_db
-    from web.extensions import csrf, login_manager
+    from web.extensions import csrf, limiter, login_manager
+    from web.ratelimit import LoginThrottle, retry_after_s
 
     init_db(app, settings)
+    limiter.init_app(app)
+    # The sign-in back-off keeps its counts in the limiter's storage (Redis in production).
+    app.extensions["cxr_login_throttle"] = LoginThrottle.from_settings(limiter.storage, settings)
     csrf.init_app(app)
     login_manager.init_app(app)
     login_manager.login_view = "auth.login"
@@ -130,6 +158,33 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         if _wants_json():
             return jsonify({"error": msg}), 413
         return render_template("error.html", code=413, message=msg), 413
+
+    @app.errorhandler(TooManyRequests)
+    def _too_many(exc: TooManyRequests) -> Response:
+        # Flask-Limiter's refusals name their limit; ours (sign-in back-off, busy uploads) carry retry_after.
+        retry = getattr(exc, "retry_after", None)
+        seconds = int(retry) if isinstance(retry, int | float) else retry_after_s()
+        if isinstance(exc, RateLimitExceeded):
+            msg = f"Too many requests (the limit is {exc.description}). Try again in {seconds} s."
+        else:
+            msg = exc.description or "Too many requests."
+        if _wants_json():
+            resp = jsonify({"error": msg, "retry_after": seconds})
+        else:
+            resp = Response(render_template("error.html", code=429, message=msg), mimetype="text/html")
+        resp.status_code = 429
+        resp.headers["Retry-After"] = str(seconds)
+        return resp
+
+    @app.errorhandler(UploadTooLarge)
+    def _inflates_too_much(exc: UploadTooLarge) -> tuple[Response | str, int]:
+        if _wants_json():
+            return jsonify({"error": str(exc)}), 413
+        return render_template("error.html", code=413, message=str(exc)), 413
+
+    @app.errorhandler(ServerBusy)
+    def _busy(exc: ServerBusy) -> Response:
+        return _too_many(TooManyRequests(str(exc), retry_after=exc.retry_after))
 
     @app.errorhandler(CSRFError)
     def _csrf_error(exc: CSRFError) -> tuple[str, int]:

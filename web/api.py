@@ -16,13 +16,15 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from intake.batches import ingest_files, start_batch, submit_batch
+from intake.files import upload_scope
 from store.reports import BANDS, NOTICE, SORTS, STATUSES, ReportQuery, batch_payload
 from store.reviews import LABELS, ReviewError, review_study
 from store.studies import batch_progress, batches_visible_to, get_batch_for, get_study_for
 from store.tables import Batch, User
-from store.users import user_for_token
-from web.common import MAX_PER_PAGE, NOTE_MAX, REVIEW_ROLES, uploaded_files
+from web.common import MAX_PAGE, MAX_PER_PAGE, NOTE_MAX, REVIEW_ROLES, uploaded_files
 from web.db import get_db, get_settings
+from web.extensions import limiter
+from web.ratelimit import UPLOAD_SCOPE, api_limit, bearer_user, upload_limit, user_key
 
 
 class _JsonOrFormParser(FlaskParser):
@@ -41,6 +43,13 @@ class _Blueprint(Blueprint):
 
 bp = _Blueprint(
     "api", __name__, url_prefix="/api/v1", description="Batches, uploads, progress, results and reviews."
+)
+# One budget per user across the whole API (CXR_RATELIMIT_API), counted before the token is checked.
+limiter.shared_limit(api_limit, scope="api", key_func=user_key)(bp)
+# Uploads also count against CXR_RATELIMIT_UPLOAD, shared with the web form (override_defaults=False keeps
+# the API budget above on these routes too).
+_upload_limited = limiter.shared_limit(
+    upload_limit, scope=UPLOAD_SCOPE, key_func=user_key, methods=["POST"], override_defaults=False
 )
 # Every refused request is a 400, as before the schemas described the API.
 INVALID = 400
@@ -66,7 +75,7 @@ class BatchCreateArgs(_Lenient):
 class ResultsArgs(_Lenient):
     """GET /batches/<id>/results: filters, order and page (as on the report page)."""
 
-    page = fields.Integer(load_default=1, validate=validate.Range(min=1))
+    page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=MAX_PAGE))
     per_page = fields.Integer(load_default=PER_PAGE_API, validate=validate.Range(min=1, max=MAX_PER_PAGE))
     sort = fields.String(load_default="id", validate=validate.OneOf(SORTS))
     dir = fields.String(load_default="asc", validate=validate.OneOf(("asc", "desc")))
@@ -97,9 +106,7 @@ def _files() -> list[tuple[str, bytes]]:
 
 @bp.before_request
 def _authenticate() -> Response | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    user = user_for_token(get_db(), token.strip()) if scheme.lower() == "bearer" else None
+    user = bearer_user()
     if user is None:
         resp = jsonify({"error": "a valid API token is required (Authorization: Bearer <token>)"})
         resp.status_code = 401
@@ -157,6 +164,7 @@ def list_batches() -> Response:
 
 @bp.post("/batches")
 @bp.arguments(BatchCreateArgs, location="json", error_status_code=INVALID)
+@_upload_limited
 def create(params: dict[str, Any]) -> tuple[Response, int]:
     """Create a batch; with multipart files and start=true it is also uploaded and started in one call.
 
@@ -170,16 +178,17 @@ def create(params: dict[str, Any]) -> tuple[Response, int]:
         abort(400, description='no files to start: send the images as multipart form field "files"')
     start = bool(files) and params["start"]
     # One path with or without start (the same audit event); started: committed, then enqueued.
-    result = submit_batch(
-        db,
-        owner=_user(),
-        name=name,
-        notes=notes,
-        files=files,
-        settings=get_settings(),
-        patient_id=params["patient_id"] or None,
-        start=start,
-    )
+    with upload_scope(get_settings()):  # inflated bytes stay counted until the batch is stored
+        result = submit_batch(
+            db,
+            owner=_user(),
+            name=name,
+            notes=notes,
+            files=files,
+            settings=get_settings(),
+            patient_id=params["patient_id"] or None,
+            start=start,
+        )
     body = _summary(result.batch)
     body.update(study_ids=result.study_ids, queued=result.start.queued)
     if start:
@@ -189,6 +198,7 @@ def create(params: dict[str, Any]) -> tuple[Response, int]:
 
 @bp.post("/batches/<int:batch_id>/files")
 @bp.arguments(PatientArgs, location="json", error_status_code=INVALID)
+@_upload_limited
 def upload(form: dict[str, Any], batch_id: int) -> tuple[Response, int]:
     """Add files (multipart field "files", repeatable; zips expanded) to a batch; they wait for start."""
     batch = _batch_or_404(batch_id, manage=True)
@@ -196,14 +206,15 @@ def upload(form: dict[str, Any], batch_id: int) -> tuple[Response, int]:
     if not files:
         abort(400, description='send the images as multipart form field "files"')
     db = get_db()
-    ids = ingest_files(
-        db,
-        batch=batch,
-        files=files,
-        settings=get_settings(),
-        patient_id=form["patient_id"] or None,
-    )
-    db.commit()
+    with upload_scope(get_settings()):
+        ids = ingest_files(
+            db,
+            batch=batch,
+            files=files,
+            settings=get_settings(),
+            patient_id=form["patient_id"] or None,
+        )
+        db.commit()
     body = _summary(batch)
     body["study_ids"] = ids
     return jsonify(body), 201

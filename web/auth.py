@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from flask import Blueprint, flash, redirect, render_template, request, url_for
+from flask import Blueprint, flash, make_response, redirect, render_template, request, url_for
 from flask_login import UserMixin, current_user, login_required, login_user, logout_user
 from flask_wtf import FlaskForm
 from werkzeug.wrappers import Response
@@ -26,6 +26,7 @@ from store.users import (
 from web.common import ActionForm
 from web.db import get_db
 from web.extensions import login_manager
+from web.ratelimit import client_address, login_throttle
 
 bp = Blueprint("auth", __name__)
 
@@ -144,19 +145,32 @@ def password() -> str | Response | tuple[str, int]:
 
 
 @bp.route("/login", methods=["GET", "POST"])
-def login() -> str | Response:
+def login() -> str | Response | tuple[str, int]:
     """Show and process the sign-in form."""
     if current_user.is_authenticated:
         return redirect(url_for("batches.dashboard"))
     form = LoginForm()
     if form.validate_on_submit():
+        username, address = form.username.data or "", client_address()
+        throttle = login_throttle()
+        # Checked before any hash: a refused try costs a storage read, and is the same for every name.
+        wait = throttle.wait_s(username, address)
+        if wait:
+            msg = f"Too many failed sign-ins for this name or from this address. Try again in {wait} s."
+            flash(msg, "error")
+            resp = make_response(render_template("login.html", form=form), 429)
+            resp.headers["Retry-After"] = str(wait)
+            return resp
         db = get_db()
-        user = authenticate(db, username=form.username.data or "", password=form.password.data or "")
+        user = authenticate(db, username=username, password=form.password.data or "")
         if user is None:
-            record_event(db, user_id=None, action="auth.login_failed", target=(form.username.data or "")[:64])
+            record_event(db, user_id=None, action="auth.login_failed", target=username[:64])
             db.commit()
-            flash("Wrong username or password.", "error")
+            wait = throttle.failed(username, address)
+            later = f" Wait {wait} s before the next try." if wait else ""
+            flash("Wrong username or password." + later, "error")
             return render_template("login.html", form=form), 401
+        throttle.succeeded(username, address)
         login_user(LoginUser(user))
         record_event(db, user_id=user.id, action="auth.login", target=f"user:{user.id}")
         db.commit()

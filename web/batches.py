@@ -13,11 +13,14 @@ from wtforms import StringField, TextAreaField
 from wtforms.validators import Length, Optional
 
 from intake.batches import study_thumbnail, submit_batch
+from intake.files import upload_scope
 from store.retraining import retraining_progress
 from store.studies import batch_progress, batches_visible_to, get_batch_for, get_study_for
 from web.auth import current_row
-from web.common import uploaded_files
+from web.common import row_ids, uploaded_files
 from web.db import get_db, get_settings
+from web.extensions import limiter
+from web.ratelimit import UPLOAD_SCOPE, upload_limit, user_key
 
 bp = Blueprint("batches", __name__)
 
@@ -52,6 +55,7 @@ def dashboard() -> str:
 
 @bp.route("/batches/new", methods=["GET", "POST"])
 @login_required
+@limiter.shared_limit(upload_limit, scope=UPLOAD_SCOPE, key_func=user_key, methods=["POST"])
 def new_batch() -> str | Response | tuple[str, int]:
     """Upload form; on submit the batch is stored, committed, then queued."""
     form = NewBatchForm()
@@ -61,15 +65,17 @@ def new_batch() -> str | Response | tuple[str, int]:
             flash("Choose at least one file to upload.", "error")
             return render_template("new_batch.html", form=form), 400
         settings = get_settings()
-        result = submit_batch(
-            get_db(),
-            owner=current_row(),
-            name=form.name.data or "",
-            notes=form.notes.data or "",
-            files=files,
-            settings=settings,
-            patient_id=form.patient_id.data or None,
-        )
+        # Inflated and decoded bytes stay counted until the batch is stored (intake.files.upload_scope).
+        with upload_scope(settings):
+            result = submit_batch(
+                get_db(),
+                owner=current_row(),
+                name=form.name.data or "",
+                notes=form.notes.data or "",
+                files=files,
+                settings=settings,
+                patient_id=form.patient_id.data or None,
+            )
         n = len(result.study_ids)
         msg = f"Batch “{result.batch.name}” received: {n} studies, {len(result.start.queued)} queued"
         msg += f", {result.failed} rejected (see the report)." if result.failed else "."
@@ -92,7 +98,7 @@ def progress_many() -> Response:
     """Progress of the requested batches (?ids=1,2,3) the user may see; ?retraining=1 adds the active run."""
     db = get_db()
     user = current_row()
-    wanted = [int(x) for x in request.args.get("ids", "").split(",") if x.strip().isdigit()][:200]
+    wanted = row_ids(request.args.get("ids", ""), limit=200)
     visible = [b.id for b in (get_batch_for(db, user=user, batch_id=i) for i in wanted) if b is not None]
     progress = batch_progress(db, batch_ids=visible)
     body: dict[str, Any] = {str(bid): p.as_dict() for bid, p in progress.items()}

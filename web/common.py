@@ -5,6 +5,7 @@ Blueprints import from here and from below (intake, store, worker.app), never fr
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from functools import wraps
@@ -52,6 +53,17 @@ reviewer_required = role_required(*REVIEW_ROLES)
 
 PER_PAGE = 50
 MAX_PER_PAGE = 500
+MAX_PAGE = 10**6  # a larger page number would overflow SQL's OFFSET (schemathesis found the 500)
+MAX_ROW_ID = 2**63 - 1  # the largest id SQL holds (a BIGINT); a larger one names nothing
+
+
+def row_ids(text: str, *, limit: int) -> list[int]:
+    """At most limit row ids from comma-separated text; anything not an id is ignored."""
+    # ASCII digits only: "²".isdigit() is true, and int("²") raises
+    digits = [x.strip() for x in text.split(",") if re.fullmatch(r"[0-9]{1,19}", x.strip())]
+    return [n for n in map(int, digits) if n <= MAX_ROW_ID][:limit]
+
+
 # Query-string keys of a report view, carried to a study page and back (its previous/next follow them).
 REPORT_ARGS = ("band", "label", "status", "reviewed", "q", "sort", "dir", "page", "per_page")
 
@@ -74,7 +86,7 @@ def report_query(args: Mapping[str, str], *, default_sort: str = "id") -> Report
         search=args.get("q", ""),
         sort=args.get("sort") or default_sort,
         desc=args.get("dir") == "desc",
-        page=_int(args.get("page"), 1, 1, 10**6),
+        page=_int(args.get("page"), 1, 1, MAX_PAGE),
         per_page=_int(args.get("per_page"), PER_PAGE, 1, MAX_PER_PAGE),
     ).normalised()
 
