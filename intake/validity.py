@@ -195,27 +195,29 @@ def colour_fraction(bgr: np.ndarray) -> float:
     return float(cv2.countNonZero((chroma > COLOUR_CHROMA * 255).view(np.uint8)) / chroma.size)
 
 
-def _flat_lines(g: np.ndarray) -> np.ndarray:
-    """Per row: True when nearly all its pixels sit at the row's median (a padding bar, a label strip)."""
-    med = np.median(g, axis=1, keepdims=True)
-    return (np.abs(g - med) < FLAT_TOLERANCE).mean(axis=1) > FLAT_SHARE
+def _flat(line: np.ndarray) -> bool:
+    """True when nearly all of a row's (column's) pixels sit at its median (a padding bar, a label strip)."""
+    med = np.median(line)
+    return bool(np.count_nonzero(np.abs(line - med) < FLAT_TOLERANCE) > FLAT_SHARE * line.size)
 
 
 def trim_borders(gray: np.ndarray) -> np.ndarray:
     """Drop flat rows and columns at the edges (black bars, padding), keeping at least half of each side."""
     g = np.asarray(gray, dtype=np.float32)
     h, w = g.shape
-    rows, cols = _flat_lines(g), _flat_lines(g.T)
 
-    def span(flat: np.ndarray, n: int) -> tuple[int, int]:
+    def span(line, n: int) -> tuple[int, int]:  # noqa: ANN001 - line(i) -> the i-th row or column
+        # Lines are tested one by one from each edge inwards, stopping at the first that is not flat: on an
+        # ordinary film that is a handful of medians, not one per row and column (this runs for every upload).
         start, stop = 0, n
-        while start < n // 4 and flat[start]:
+        while start < n // 4 and _flat(line(start)):
             start += 1
-        while stop > n - n // 4 and flat[stop - 1]:
+        while stop > n - n // 4 and _flat(line(stop - 1)):
             stop -= 1
         return start, stop
 
-    (top, bottom), (left, right) = span(rows, h), span(cols, w)
+    top, bottom = span(lambda i: g[i], h)
+    left, right = span(lambda j: g[:, j], w)
     return g[top:bottom, left:right]
 
 
