@@ -6,8 +6,9 @@ Into a throwaway database (dropped afterwards), batches of --batch-size studies 
 write path (store.studies.add_studies: the image row, INSERT ... ON CONFLICT DO NOTHING, and the study row,
 committed every --group studies), each with image bytes of a realistic size: PNG/JPEG 100-500 KB and a share
 of DICOM at 2-6 MB (--dicom-share). The bytes are random after a correct file signature: like real PNG, JPEG
-and DICOM pixel data they do not compress, so TOAST stores them at full size, as it would the real files
-(they are never decoded here). Each batch is then marked screened (a prediction and input statistics per
+and compressed DICOM pixel data they do not compress, and images.data is stored EXTERNAL anyway (out of line
+in TOAST, no compression attempt; migration 0003), so they take the space the real files would. They are
+never decoded here. Each batch is then marked screened (a prediction and input statistics per
 study, in SQL).
 
 After every --step studies it prints: the database's, the images table's (heap + TOAST + index) and the
