@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,11 +53,12 @@ from tests.procs import service_env, settings_from_env, start_web, start_worker,
 from worker.app import make_celery, send_screen_chunks  # noqa: E402
 
 
-def load_images(n: int) -> list[tuple[str, bytes]]:
-    """n distinct chest X-rays from ../shared/data/cxr (cycled if the set is smaller)."""
+def load_images(n: int, sources: Collection[str] | None = None) -> list[tuple[str, bytes]]:
+    """n distinct chest X-rays from ../shared/data/cxr (cycled if the set is smaller); sources: only these."""
     root = shared_data_dir("cxr")
     with open(root / "manifest.csv", newline="") as fh:
-        files = sorted(root / r["file"] for r in csv.DictReader(fh))
+        rows = [r for r in csv.DictReader(fh) if sources is None or r["source"] in sources]
+    files = sorted(root / r["file"] for r in rows)
     if not files:
         sys.exit(f"no images under {root}")
     return [(files[i % len(files)].name, files[i % len(files)].read_bytes()) for i in range(n)]

@@ -2,12 +2,14 @@
 
 Formats are decided by magic bytes, never by the file name; the pixel count is checked from the headers before
 any pixel is decoded (intake.formats). Zip archives are expanded in memory only; member names are metadata,
-never paths. PNG and JPEG get a structural check only (chunk lengths and CRCs, JPEG markers; no pixel is
-decoded): truncated, corrupt, empty, mislabelled and oversized files fail here. A file that passes these
-checks but whose pixel data still cannot be decoded is failed by the worker, which decodes every image
-before inference, with the decoder's readable reason. DICOM (rare, and its codecs fail in more ways) is
-decoded in full here, then de-identified (intake.deid): what is stored carries no direct identifier, and the
-patient key is a keyed pseudonym (CXR_DEID_KEY) of the DICOM PatientID or of the patient ID given at upload.
+never paths. PNG and JPEG get a structural check (chunk lengths and CRCs, JPEG markers): truncated, corrupt,
+empty, mislabelled and oversized files fail here. Then the input-validity gate (intake.validity: a reduced
+decode, a few ms) refuses what is not an upright chest film (blank, noise, colour, documents, rotated or
+inverted films, corrupt JPEG data) with a readable "Not assessable" reason: the uploader learns it at once
+and the inference worker spends its core on the model only. DICOM (rare, and its codecs fail in more ways)
+is decoded in full here, then de-identified (intake.deid): what is stored carries no direct identifier, and
+the patient key is a keyed pseudonym (CXR_DEID_KEY) of the DICOM PatientID or of the patient ID given at
+upload.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from intake.formats import (
     sniff_format,
     thumbnail_png,
 )
+from intake.validity import NOT_ASSESSABLE, assess_bytes, assess_gray
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +107,8 @@ def validate_file(
 ) -> ValidatedFile:
     """Check one file by content: magic bytes, header size vs the pixel cap, structure; no PNG/JPEG decode.
 
-    PNG and JPEG get a structural check only (intake.formats); one whose pixel data is undecodable despite a
-    valid structure is FAILED later by the worker with the decoder's reason. DICOM is decoded in full here.
+    PNG and JPEG get a structural check and the validity gate's reduced decode; DICOM is decoded in full.
+    An image the gate refuses is FAILED with its reason (bytes kept for the study page, never scored).
     """
     size = len(data)
     if size == 0:
@@ -153,12 +156,15 @@ def validate_file(
     try:
         if fmt == "dicom":
             # DICOM is rare and its codecs fail in many ways: decode it in full now; the preview is then free.
-            thumb = thumbnail_png(decode_image(data, max_pixels=settings.max_image_pixels), THUMBNAIL_SIDE)
+            gray = decode_image(data, max_pixels=settings.max_image_pixels)
+            thumb = thumbnail_png(gray, THUMBNAIL_SIDE)
+            verdict = assess_gray(gray)
         else:
             check_structure(data, fmt)
+            verdict = assess_bytes(data, max_pixels=settings.max_image_pixels)
     except ImageDecodeError as exc:
         return _failed(name, size, f"Unreadable {fmt.upper()} file: {exc}.", fmt, (width, height))
-    except Exception as exc:  # noqa: BLE001 - a decoder crash on a hostile file must not become a 500
+    except Exception as exc:  # noqa: BLE001 - a decoder (or gate) crash on a hostile file must not become a 500
         log.warning("decoder error on %r: %r", name, exc)
         return _failed(
             name, size, f"Unreadable {fmt.upper()} file: the decoder failed ({type(exc).__name__}).", fmt
@@ -181,6 +187,9 @@ def validate_file(
         height=height,
         thumbnail_png=thumb,
         patient_key=patient_key,
+        # Refused by the validity gate: FAILED with its reason, the (de-identified) bytes kept so the study
+        # page can show what was refused.
+        error=None if verdict.ok else (verdict.reason or NOT_ASSESSABLE),
     )
 
 

@@ -38,8 +38,8 @@ STUDIES_RECEIVED = Counter(
 STUDIES_DONE = Counter("cxr_studies_done", "Studies screened: a prediction was written")
 STUDIES_FAILED = Counter(
     "cxr_studies_failed",
-    "Studies that ended FAILED, by reason (decode: unreadable image; no_image: nothing stored; "
-    "not_assessable: refused by the validity gate; internal: the model raised)",
+    "Studies the worker ended FAILED, by reason (decode: unreadable image; no_image: nothing stored; "
+    "internal: the model raised). Intake refusals, the validity gate's included, count as received/rejected",
     ["reason"],
 )
 # decode and preprocess: seconds per image; infer and write: seconds per chunk (one array, one commit).

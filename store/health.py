@@ -85,14 +85,22 @@ def check_artifact(path: Path) -> tuple[bool, str]:
     return True, f"model {meta.get('version', '?')} readable at {path}"
 
 
-def check_serving_model(url: str, *, fallback: Path) -> tuple[bool, str]:
-    """The serving version's artifact is readable here (none serves yet: the configured one)."""
+def check_serving_model(url: str, *, fallback: Path, files_here: bool = True) -> tuple[bool, str]:
+    """The serving version's artifact is readable here (none serves yet: the configured one).
+
+    `files_here=False` (the web, which never loads the model): a registered version whose folder is not on
+    this host is ready, said so; a folder that is here must still be readable. Workers and `cxr status` check
+    the files strictly.
+    """
     try:
         with session_scope(url) as session:
             mv = serving_version(session)
             path = Path(mv.artifact_path) if mv is not None else None
+            version = mv.version if mv is not None else None
     except Exception as exc:  # noqa: BLE001
         return False, f"serving model unknown: {_short(exc)}"
+    if path is not None and not files_here and not path.exists():
+        return True, f"{version} serves (registered in SQL; its files are on the worker hosts, not this one)"
     ok, detail = check_artifact(path or fallback)
     return ok, detail if path else detail + " (no version serves yet; the worker registers this one)"
 

@@ -22,16 +22,19 @@ Typical use:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -133,23 +136,32 @@ def start_worker(
     queues: str = "inference,training",
     ready_timeout: float = 180.0,
     wait_ready: bool = True,
+    prefix: Sequence[str] = (),
 ) -> subprocess.Popen:
-    """Start a real `celery worker`; by default return once its pool process has loaded the model."""
+    """Start a real `celery worker`; by default return once its pool process has loaded the model.
+
+    prefix: a command the worker is started through (e.g. `ip netns exec NS ...`, which must exec it).
+    """
     log_path = log_path or Path(env["CXR_DATA_DIR"]) / f"worker-{time.monotonic_ns()}.log"
-    args = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queues, "--pool", pool]
+    args = [*prefix, sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queues, "--pool", pool]
     args += ["--concurrency", str(concurrency), "--without-mingle", "--without-gossip", "--loglevel", "INFO"]
     args += ["--hostname", f"test-{time.monotonic_ns()}@%h"]
     proc = _spawn(args, env, log_path)
     if wait_ready:
-        offset = 0
+        wait_workers_ready([proc], ready_timeout)
+    return proc
 
-        def ready() -> bool:
+
+def wait_workers_ready(workers: Sequence[subprocess.Popen], timeout: float = 180.0) -> None:
+    """Wait until every worker's pool process has loaded the model (fail at once if one exits)."""
+
+    def ready() -> bool:
+        for proc in workers:
             if proc.poll() is not None:
                 pytest.fail(f"worker exited with {proc.returncode} while starting:\n{log_tail(proc)}")
-            return WORKER_READY_MARK in log_path.read_text(errors="replace")[offset:]
+        return all(WORKER_READY_MARK in proc.log_path.read_text(errors="replace") for proc in workers)
 
-        wait_for(ready, ready_timeout, interval=0.25, message="the worker to load its model")
-    return proc
+    wait_for(ready, timeout, interval=0.25, message="the worker(s) to load the model")
 
 
 def start_beat(env: Mapping[str, str], *, log_path: Path | None = None) -> subprocess.Popen:
@@ -178,22 +190,31 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def start_web(
-    env: Mapping[str, str], *, port: int | None = None, log_path: Path | None = None, timeout: float = 60.0
+    env: Mapping[str, str],
+    *,
+    port: int | None = None,
+    log_path: Path | None = None,
+    timeout: float = 60.0,
+    host: str = "127.0.0.1",
+    prefix: Sequence[str] = (),
 ) -> tuple[subprocess.Popen, str]:
-    """Start the web app under waitress (as `cxr run` does); return the process and its base URL when up."""
+    """Start the web app under waitress (as `cxr run` does); return the process and its base URL when up.
+
+    host: the address it listens on; prefix: a command it is started through (as for start_worker).
+    """
     port = port or free_port()
     log_path = log_path or Path(env["CXR_DATA_DIR"]) / f"web-{port}.log"
-    args = [sys.executable, "-m", "waitress", "--host", "127.0.0.1", "--port", str(port), "--threads", "4"]
+    args = [*prefix, sys.executable, "-m", "waitress", "--host", host, "--port", str(port), "--threads", "4"]
     args += ["--call", "web:create_app"]
     proc = _spawn(args, env, log_path)
 
     def up() -> bool:
         if proc.poll() is not None:
             pytest.fail(f"web exited with {proc.returncode} while starting:\n{log_tail(proc)}")
-        return port_open(port)
+        return port_open(port, host)
 
-    wait_for(up, timeout, message=f"the web app on port {port}")
-    return proc, f"http://127.0.0.1:{port}"
+    wait_for(up, timeout, message=f"the web app on {host}:{port}")
+    return proc, f"http://{host}:{port}"
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -258,3 +279,32 @@ def sample_images(n: int) -> list[tuple[str, bytes]]:
             pytest.fail(reason + " (CI=true requires them)")
         pytest.skip(reason)
     return [(p.name, p.read_bytes()) for p in files[:n]]
+
+
+@functools.cache
+def _films() -> tuple[np.ndarray, ...]:
+    # The committed demo films (model/samples, redistributable sources): uploads must look like chest films,
+    # or the validity gate at intake refuses them, as it should. Only films the gate takes with a clear
+    # margin even squashed to 64 x 64 (one COVID figure is borderline there), so a fixture never flips.
+    from intake.validity import assess_gray
+
+    paths = sorted(p for p in SAMPLES_DIR.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    films = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in paths]
+    kept = []
+    for img in films:
+        small = cv2.resize(img, (64, 64), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+        stretched = (small - small.min()) / max(1e-6, float(small.max() - small.min()))
+        if all((v := assess_gray(x)).ok and (v.score or 0.0) > 2.0 for x in (small, stretched)):
+            kept.append(img)
+    return tuple(kept)
+
+
+def film_gray(w: int = 64, h: int = 48, seed: int = 0) -> np.ndarray:
+    """A real chest film resized to w x h, different bytes for each seed (a few pixels nudged by one)."""
+    films = _films()
+    img = cv2.resize(films[seed % len(films)], (w, h), interpolation=cv2.INTER_AREA)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, img.size, 8)
+    flat = img.reshape(-1)
+    flat[idx] = np.where(flat[idx] < 255, flat[idx] + 1, flat[idx] - 1)
+    return img

@@ -191,7 +191,7 @@ def ops() -> str:
         "admin/ops.html",
         depths=depths,
         summary=ops_summary(get_db()),
-        checks=readiness(settings, app),
+        checks=readiness(settings, app, model_files_here=False),
         weeks=weekly_drift(get_db(), weeks=DRIFT_WEEKS),
         bounds=bounds,
         drift_weeks=DRIFT_WEEKS,

@@ -31,8 +31,12 @@ class Check:
     detail: str
 
 
-def readiness(settings: Settings, celery_app: CxrCelery) -> list[Check]:
-    """Database, migrations, broker and serving model, in that order (a dead database skips the two after)."""
+def readiness(settings: Settings, celery_app: CxrCelery, *, model_files_here: bool = True) -> list[Check]:
+    """Database, migrations, broker and serving model, in that order (a dead database skips the two after).
+
+    `model_files_here=False` (the web's /readyz and ops page): a serving version whose files live only on
+    the worker hosts is not a reason to take the web out of service; `cxr status` checks the files.
+    """
     checks = [Check("database", *check_database(settings.database_url))]
     if checks[0].ok:
         checks.append(Check("migrations", *check_migrations(settings.database_url)))
@@ -41,7 +45,12 @@ def readiness(settings: Settings, celery_app: CxrCelery) -> list[Check]:
     checks.append(Check("broker", *broker_ping(celery_app)))
     fallback = Path(settings.model_dir or DEFAULT_ARTIFACT_DIR)
     if checks[1].ok:
-        checks.append(Check("model", *check_serving_model(settings.database_url, fallback=fallback)))
+        checks.append(
+            Check(
+                "model",
+                *check_serving_model(settings.database_url, fallback=fallback, files_here=model_files_here),
+            )
+        )
     else:
         checks.append(Check("model", False, "not checked: the database is not reachable or not migrated"))
     return checks
@@ -65,7 +74,7 @@ def healthz() -> Response:
 def readyz() -> tuple[Response, int]:
     """Ready: database reachable and migrated, broker reachable, serving model readable; 503 otherwise."""
     settings: Settings = current_app.extensions["cxr_settings"]
-    checks = readiness(settings, celery_for(settings))
+    checks = readiness(settings, celery_for(settings), model_files_here=False)
     ready = all(c.ok for c in checks)
     body = {"ready": ready, "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks}}
     return jsonify(body), 200 if ready else 503

@@ -24,7 +24,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from config import Settings
-from intake.validity import refusals
 from ops.logs import bind as bind_log
 from ops.metrics import STAGE_SECONDS, STUDIES_DONE, STUDIES_FAILED
 from store.db import session_scope
@@ -239,13 +238,8 @@ def screen_chunk(
             if not images.get(sid) and fail_study(session, study_id=sid, token=token, reason=NO_IMAGE_REASON):
                 outcome.failed.append(sid)
                 outcome.fail_kinds[sid] = ("no_image", NO_IMAGE_REASON)
-        # What is not a chest X-ray gets no finding at all: the validity gate runs before the model.
-        refused = refusals({sid: images[sid] for sid in runnable}, max_pixels=settings.max_image_pixels)
-        for sid, reason in refused.items():
-            if fail_study(session, study_id=sid, token=token, reason=reason):
-                outcome.failed.append(sid)
-                outcome.fail_kinds[sid] = ("not_assessable", reason)
-        runnable = [sid for sid in runnable if sid not in refused]
+        # What is not a chest X-ray never gets here: the validity gate ran at intake (intake.files), where
+        # a refused image became a FAILED study, so this core spends its time on the model alone.
         results: list[Any] = []
         stats: list[Any] = []  # input statistics per runnable study (drift watch)
         elapsed_ms = 0.0

@@ -13,6 +13,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from tests.conftest import IN_CI, SHARED_DATA
+from tests.procs import film_gray
 
 DICOM_DIR = SHARED_DATA / "dicom"
 CORRUPT = "pydicom966_dx_chest_mono1_12bit_j2k_lossless_badCOM.dcm"
@@ -97,8 +98,10 @@ def synthetic_dicom(
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
         n = frames or 1
-        rng = np.random.default_rng(7)
-        arr = (rng.random((n, size, size)) * 4000).astype(np.uint16)
+        # a real film (the committed demo samples) at 12 bits: random pixels would be refused by the
+        # validity gate at intake, as they should be
+        film = film_gray(size, size, 0).astype(np.float64) / 255.0
+        arr = np.repeat((film * 4000).astype(np.uint16)[None], n, axis=0)
         if frames:
             ds.NumberOfFrames = frames
         ds.PixelData = arr.tobytes()

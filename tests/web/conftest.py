@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -18,23 +17,22 @@ from sqlalchemy import select
 from store.db import session_scope
 from store.tables import Role, Study
 from tests.conftest import make_user
+from tests.procs import film_gray
 from web import create_app
 
 PASSWORD = "correct horse battery"
 
 
 def png_bytes(w: int = 64, h: int = 48, seed: int = 0) -> bytes:
-    """A small valid grayscale PNG."""
-    rng = np.random.default_rng(seed)
-    ok, buf = cv2.imencode(".png", rng.integers(0, 255, (h, w), dtype=np.uint8))
+    """A small valid grayscale PNG of a real chest film (distinct bytes per seed)."""
+    ok, buf = cv2.imencode(".png", film_gray(w, h, seed))
     assert ok
     return buf.tobytes()
 
 
 def jpeg_bytes(w: int = 64, h: int = 48) -> bytes:
-    """A small valid JPEG."""
-    img = np.tile(np.linspace(0, 255, w, dtype=np.uint8), (h, 1))
-    ok, buf = cv2.imencode(".jpg", img)
+    """A small valid JPEG of a real chest film."""
+    ok, buf = cv2.imencode(".jpg", film_gray(w, h, 1))
     assert ok
     return buf.tobytes()
 

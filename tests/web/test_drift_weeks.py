@@ -3,8 +3,8 @@ inverted; only the inverted week warns, in store.drift.weekly_drift, on the admi
 cxr_drift_week metric; on SQLite and PostgreSQL (the week is one portable GROUP BY key).
 
 The statistics are what the worker stores (worker.drift.image_stats on the decoded image). Real inverted
-films are refused by the validity gate before the worker gets that far (tests/worker/test_drift.py): they
-are written here directly, as the drift watch is the second line behind the gate.
+films are refused by the validity gate at upload: they are written here directly into SQL, as the drift
+watch is the second line behind the gate (as in tests/worker/test_drift.py).
 """
 
 from __future__ import annotations

@@ -107,3 +107,27 @@ def test_cxr_status_exit_code(sqlite_url: str, tmp_path: Path, monkeypatch: pyte
     bad = CliRunner().invoke(main, ["status"])
     assert bad.exit_code == 1, bad.output
     assert "FAIL database" in bad.output and "NOT READY" in bad.output
+
+
+def test_model_files_on_worker_hosts_only_keep_the_web_ready(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A serving version whose folder is on the worker hosts only: the web (which never loads the model) is
+    ready and says so; the strict check (`cxr status`, run on a worker host) still fails it."""
+    from store.db import session_scope
+    from store.health import check_serving_model
+    from store.models_registry import register_model_version
+
+    elsewhere = tmp_path / "on-a-worker-host" / "model"
+    with session_scope(sqlite_url) as s:
+        register_model_version(s, version="v-remote", artifact_path=str(elsewhere), artifact_sha256="0" * 64)
+        s.commit()
+    code, body = _ready(_app(tmp_path, monkeypatch, DATABASE_URL=sqlite_url, BROKER_URL="filesystem://"))
+    model = body["checks"]["model"]
+    assert model["ok"] and "v-remote serves" in model["detail"] and "worker hosts" in model["detail"], body
+    ok, detail = check_serving_model(sqlite_url, fallback=tmp_path / "none")
+    assert not ok and "not readable" in detail
+    # a folder that is on this host must be readable, even for the web
+    elsewhere.mkdir(parents=True)
+    code, body = _ready(_app(tmp_path, monkeypatch, DATABASE_URL=sqlite_url, BROKER_URL="filesystem://"))
+    assert code == 503 and not body["checks"]["model"]["ok"], body

@@ -28,7 +28,9 @@ SCRIPT = textwrap.dedent(
     app = create_app({"DATABASE_URL": url, "WTF_CSRF_ENABLED": False})
     c = app.test_client()
     assert c.post("/login", data={"username": "u1", "password": "correct horse battery"}).status_code == 302
-    ok, png = cv2.imencode(".png", np.zeros((32, 32), np.uint8))
+    from tests.procs import film_gray  # a real film: a blank square is refused at upload (validity gate)
+
+    ok, png = cv2.imencode(".png", film_gray(64, 64, 1))
     files = [(io.BytesIO(png.tobytes()), "a.png"), (io.BytesIO(b"bad"), "b.png")]
     r = c.post("/batches/new", data={"name": "b", "files": files}, content_type="multipart/form-data")
     assert r.status_code == 302, r.status_code

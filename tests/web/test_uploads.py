@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -38,23 +39,31 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
 
 
 def test_valid_png_and_jpeg(settings, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    """Valid files pass on their structure alone: no pixel is decoded at upload, no preview is made."""
-    files = (("a.png", png_bytes(300, 200), "png"), ("b.jpg", jpeg_bytes(), "jpeg"))
+    """Real films pass: structure checked, the validity gate's reduced decode only (no full decode, no preview
+    at upload: the thumbnail route makes it on first request)."""
+    from tests.procs import sample_images
+
+    film = sample_images(1)[0][1]
+    ok, png = cv2.imencode(".png", cv2.imdecode(np.frombuffer(film, np.uint8), cv2.IMREAD_GRAYSCALE))
+    assert ok
+    files = (("a.png", png.tobytes(), "png"), ("b.jpg", film, "jpeg"))
 
     def no_decode(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
-        raise AssertionError("PNG/JPEG pixels must not be decoded at upload")
+        raise AssertionError("no full decode and no preview at upload")
 
     monkeypatch.setattr(intake_files, "decode_image", no_decode)
     monkeypatch.setattr(intake_batches, "make_thumbnail", no_decode)
-    monkeypatch.setattr(cv2, "imdecode", no_decode)
     for name, data, fmt in files:
         v = validate_file(name, data, settings)
         assert v.ok, v.error
         assert v.fmt == fmt and v.data == data
         assert v.thumbnail_png is None  # made on first request by the thumbnail route
-    assert validate_file("a.png", png_bytes(300, 200), settings).width == 300
-    padded = validate_file("c.jpg", jpeg_bytes() + b"\x00" * 16, settings)  # trailing zero padding is fine
+    padded = validate_file("c.jpg", film + b"\x00" * 16, settings)  # trailing zero padding is fine
     assert padded.ok, padded.error
+    # a synthetic gradient is well-formed but no chest film: the gate refuses it, readably
+    ok, grad = cv2.imencode(".png", np.tile(np.linspace(0, 255, 300, dtype=np.uint8), (200, 1)))
+    gradient = validate_file("g.png", grad.tobytes(), settings)
+    assert gradient.width == 300 and gradient.error.startswith("Not assessable"), gradient.error
 
 
 def test_format_by_content_not_name(settings) -> None:  # noqa: ANN001
@@ -360,27 +369,38 @@ def garbage_idat_png() -> bytes:
     return _png([(b"IHDR", _IHDR_64), (b"IDAT", garbage), (b"IEND", b"")])
 
 
-def test_valid_structure_garbage_pixels_fails_in_the_worker(batch_session, settings, predictor) -> None:  # noqa: ANN001
-    """Upload checks structure only; the worker decodes, and undecodable pixel data ends FAILED, readably."""
+def test_valid_structure_garbage_pixels_fails_at_upload_and_in_the_worker(
+    batch_session,
+    settings,
+    predictor,  # noqa: ANN001
+) -> None:
+    """The validity gate decodes at upload: undecodable pixel data behind a valid structure ends FAILED there,
+    readably; a study that reaches the worker some other way (straight into SQL) fails readably too."""
+    from store.studies import add_studies
+    from tests.procs import sample_images
     from worker.screening import ServingModel, model_version_id, screen_chunk
 
     session, batch = batch_session
     url = session.get_bind().url.render_as_string(hide_password=False)
-    from tests.procs import sample_images
-
-    good = sample_images(1)[0][1]  # a real film: a gradient would now be refused by the validity gate
+    good = sample_images(1)[0][1]  # a real film: a gradient would be refused by the validity gate
     ids = ingest_files(
         session, batch=batch, files=[("ok.jpg", good), ("bad.png", garbage_idat_png())], settings=settings
     )
-    assert [session.get(Study, i).status for i in ids] == [StudyStatus.RECEIVED, StudyStatus.RECEIVED]
-    mark_queued(session, study_ids=ids, lease_s=3600)
+    ok, bad = (session.get(Study, i) for i in ids)
+    assert ok.status == StudyStatus.RECEIVED
+    assert bad.status == StudyStatus.FAILED
+    assert bad.error.startswith("Unreadable PNG file: PNG pixel data could not be decoded"), bad.error
+    # the worker's own decode stays the second line
+    direct = add_studies(session, batch=batch, files=[{"filename": "direct.png", "data": garbage_idat_png()}])
+    work = [ids[0], *direct]
+    mark_queued(session, study_ids=work, lease_s=3600)
     session.commit()
     worker_settings = settings.__class__(**{**settings.__dict__, "database_url": url})
     model = ServingModel(predictor, model_version_id(url, predictor), predictor.version)
     with session_scope(url) as ws:
-        result = screen_chunk(ws, study_ids=ids, token="t1", model=model, settings=worker_settings)
-    assert (result.done, result.failed) == ([ids[0]], [ids[1]])
+        result = screen_chunk(ws, study_ids=work, token="t1", model=model, settings=worker_settings)
+    assert (result.done, result.failed) == ([ids[0]], direct)
     with session_scope(url) as s:
-        bad = s.get(Study, ids[1])
-        assert bad.status == StudyStatus.FAILED
-        assert bad.error.startswith("PNG pixel data could not be decoded"), bad.error
+        failed = s.get(Study, direct[0])
+        assert failed.status == StudyStatus.FAILED
+        assert failed.error.startswith("PNG pixel data could not be decoded"), failed.error

@@ -1,5 +1,6 @@
-"""Drift watch: a batch of children's films (Kermany) is flagged, ordinary films are not; inverted ones never
-get that far (the validity gate refuses them)."""
+"""Drift watch: a batch of children's films (Kermany) or of inverted films is flagged, ordinary films are not.
+Inverted films are refused at upload by the validity gate; the drift watch is the second line for any that
+reach the worker another way (here: put straight into SQL)."""
 
 from __future__ import annotations
 
@@ -49,20 +50,30 @@ def _manifest(sources: set[str], n: int) -> list[bytes]:
     return [(SHARED_DATA / "cxr" / r["file"]).read_bytes() for r in rows[::step][:n]]
 
 
-def test_inverted_films_never_reach_drift_and_ordinary_ones_do_not_warn(sqlite_url: str, predictor) -> None:  # noqa: ANN001
-    """Upright films do not warn; inverted ones are refused by the validity gate (issue 13) before the model,
-    so they get no finding and no statistics: the drift watch's own bright-border check is the second line."""
-    from store.tables import Study, StudyStatus
+def test_inverted_films_warn_and_ordinary_ones_do_not(sqlite_url: str, predictor) -> None:  # noqa: ANN001
+    """Upright films do not warn; a batch of inverted films (past intake) warns "inverted"; uploaded through
+    intake, the same inverted films are refused by the validity gate and never get a finding."""
+    from config import load_settings
+    from intake.batches import ingest_files
+    from store.studies import create_batch
+    from store.tables import Study, StudyStatus, User
+    from tests.conftest import make_user
 
     films = [d for _, d in sample_images(24)]
     plain = batch_drift_kinds(sqlite_url, _screen(sqlite_url, films, predictor))
     assert "inverted" not in plain, plain
-    inverted_batch = _screen(sqlite_url, [_inverted(d) for d in films], predictor)
+    inverted = [_inverted(d) for d in films]
+    assert "inverted" in batch_drift_kinds(sqlite_url, _screen(sqlite_url, inverted, predictor))
+    owner_id = make_user(sqlite_url, "drift-uploader")
+    settings = load_settings().__class__(**{**load_settings().__dict__, "database_url": sqlite_url})
     with session_scope(sqlite_url) as session:
-        studies = session.query(Study).filter(Study.batch_id == inverted_batch).all()
+        batch = create_batch(session, owner=session.get(User, owner_id), name="inverted upload")
+        ids = ingest_files(
+            session, batch=batch, files=[(f"i{i}.png", d) for i, d in enumerate(inverted)], settings=settings
+        )
+        studies = [session.get(Study, i) for i in ids]
         assert {s.status for s in studies} == {StudyStatus.FAILED}
         assert all("Not assessable" in (s.error or "") for s in studies)
-        assert batch_drift(session, batch_id=inverted_batch).inputs.get("n", 0) == 0
 
 
 def batch_drift_kinds(url: str, batch_id: int) -> dict[str, str]:
