@@ -170,6 +170,27 @@ def wait_finished(url: str, target: int, timeout: float, poll: float = 0.1) -> f
     raise TimeoutError(f"{target} studies not finished after {timeout:.0f} s (at {counts(url)[0]})")
 
 
+def upload_batch(
+    base: str, token: str, batch_id: int, images: list[tuple[str, bytes]], *, group: int, workers: int
+) -> None:
+    """Upload images to a batch through the JSON API in groups of `group` files, `workers` requests at a time.
+
+    As a script would: one HTTP session per thread, and each group started as soon as it is stored, so the
+    worker runs while later groups are still uploading.
+    """
+
+    def upload_group(i: int) -> None:
+        client = requests.Session()
+        client.headers["Authorization"] = f"Bearer {token}"
+        files = [("files", f) for f in images[i : i + group]]
+        r = client.post(f"{base}/api/v1/batches/{batch_id}/files", files=files, timeout=600)
+        r.raise_for_status()
+        client.post(f"{base}/api/v1/batches/{batch_id}/start", timeout=60).raise_for_status()
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(upload_group, range(0, len(images), group)))
+
+
 def main() -> None:  # noqa: PLR0915 - one linear script
     """Run the benchmark and print (and optionally save) the report."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -306,20 +327,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         r.raise_for_status()
         batch_id = r.json()["id"]
 
-        def upload_group(i: int) -> None:
-            # A script uploads groups in parallel (one HTTP session per thread); each group starts at once,
-            # so the worker runs while later groups are still uploading.
-            client = requests.Session()
-            client.headers["Authorization"] = f"Bearer {token}"
-            group = images[i : i + args.upload_group]
-            r = client.post(
-                f"{base}/api/v1/batches/{batch_id}/files", files=[("files", f) for f in group], timeout=600
-            )
-            r.raise_for_status()
-            client.post(f"{base}/api/v1/batches/{batch_id}/start", timeout=60).raise_for_status()
-
-        with ThreadPoolExecutor(args.upload_workers) as pool:
-            list(pool.map(upload_group, range(0, args.studies, args.upload_group)))
+        upload_batch(base, token, batch_id, images, group=args.upload_group, workers=args.upload_workers)
         uploaded = time.monotonic()
         t1 = wait_finished(url, before + args.studies, 3600, poll=0.1)
         e2e = args.studies / (t1 - t0)

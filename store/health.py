@@ -118,3 +118,11 @@ def drift_counts(url: str) -> dict[str, int]:
 
     with session_scope(url) as session:
         return recent_drift(session)
+
+
+def drift_this_week(url: str) -> dict[str, int]:
+    """kind -> 1 when this calendar week's studies cross that drift bound (store.drift.this_week_drift)."""
+    from store.drift import this_week_drift
+
+    with session_scope(url) as session:
+        return this_week_drift(session)

@@ -128,10 +128,15 @@ class Study(Base):
     """One image to classify, with its state machine."""
 
     __tablename__ = "studies"
-    __table_args__ = (Index("ix_studies_status_lease", "status", "lease_expires_at"),)
+    __table_args__ = (
+        Index("ix_studies_status_lease", "status", "lease_expires_at"),
+        # A batch's progress is counted from this index alone (index-only scan; migration 0008); it also
+        # serves every lookup by batch_id.
+        Index("ix_studies_batch_id_status", "batch_id", "status"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
     # NULL when the upload was rejected before its bytes were worth keeping (e.g. empty file).
     image_sha256: Mapped[str | None] = mapped_column(ForeignKey("images.sha256"), nullable=True, index=True)
     # The client's file name: metadata only, escaped on output, never used as a path.

@@ -1,4 +1,4 @@
-"""Admin pages: create accounts, reset passwords, disable and re-enable, issue API tokens; the audit log."""
+"""Admin pages: accounts (create, reset, disable, API tokens), the audit log, operations and drift by week."""
 
 from __future__ import annotations
 
@@ -9,6 +9,14 @@ from wtforms import PasswordField, SelectField, StringField
 from wtforms.validators import DataRequired, Length
 
 from store.audit import list_events
+from store.drift import (
+    MAX_BRIGHT_BORDER_SHARE,
+    MAX_MIX_DISTANCE,
+    MEAN_INTENSITY_RANGE,
+    MIN_SHORT_SIDE,
+    MIN_STUDIES,
+    weekly_drift,
+)
 from store.ops import ops_summary
 from store.tables import Role
 from store.users import (
@@ -25,6 +33,7 @@ from web.common import ActionForm, admin_required
 from web.db import get_db, get_settings
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
+DRIFT_WEEKS = 8  # calendar weeks of the drift roll-up on the operations page
 
 
 class NewUserForm(FlaskForm):
@@ -160,7 +169,7 @@ def audit() -> str:
 @bp.route("/ops")
 @admin_required
 def ops() -> str:
-    """Queue depth, studies per minute, recent failures and readiness, without a Prometheus server."""
+    """Queue depth, studies per minute, recent failures, readiness and drift by week, without Prometheus."""
     from web.health import celery_for, readiness
     from worker.app import queue_depths
 
@@ -171,9 +180,19 @@ def ops() -> str:
         depths = queue_depths(app)
     except Exception as exc:  # noqa: BLE001 - the page shows what it can
         depths = f"{type(exc).__name__}: {exc}"
+    bounds = {
+        "bright_border": MAX_BRIGHT_BORDER_SHARE,
+        "intensity": MEAN_INTENSITY_RANGE,
+        "short_side": MIN_SHORT_SIDE,
+        "mix": MAX_MIX_DISTANCE,
+        "min_studies": MIN_STUDIES,
+    }
     return render_template(
         "admin/ops.html",
         depths=depths,
         summary=ops_summary(get_db()),
         checks=readiness(settings, app, model_files_here=False),
+        weeks=weekly_drift(get_db(), weeks=DRIFT_WEEKS),
+        bounds=bounds,
+        drift_weeks=DRIFT_WEEKS,
     )

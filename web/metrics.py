@@ -14,7 +14,7 @@ from werkzeug.wrappers import Response
 from config import Settings
 from ops import logs
 from ops.metrics import HTTP_SECONDS, ScrapeGauge, exposition
-from store.health import drift_counts, serving_version_name
+from store.health import drift_counts, drift_this_week, serving_version_name
 from web.health import celery_for
 from worker.app import queue_depths
 
@@ -70,6 +70,12 @@ def scrape_collectors(settings: Settings) -> list[ScrapeGauge]:
             "Batches of the last 7 days (newest 50) with a drift warning, by kind",
             ["kind"],
             lambda: drift_counts(settings.database_url),
+        ),
+        ScrapeGauge(
+            "cxr_drift_week",
+            "1 when this calendar week's studies (Monday, UTC) cross the drift bound of that kind",
+            ["kind"],
+            lambda: drift_this_week(settings.database_url),
         ),
     ]
 
