@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -27,8 +28,11 @@ CACHE_FOLDER = "model-cache"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
 _READ_CHUNK = 1 << 20
 
-# sha256 of files hashed in this process, keyed by what a rewrite changes (device, inode, size, mtime).
+# sha256 of files hashed in this process, keyed by what a rewrite changes (device, inode, size, mtime). As in
+# git's "racy clean" rule, a file modified less than this long before it was hashed is not remembered: the
+# kernel's timestamps are coarse, so a rewrite within the same tick would otherwise keep the old hash.
 _hash_cache: dict[tuple[str, int, int, int, int], str] = {}
+_SETTLED_NS = 2_000_000_000
 
 
 def cache_root(data_dir: Path) -> Path:
@@ -48,11 +52,14 @@ def file_sha256(path: Path) -> str:
     key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     found = _hash_cache.get(key)
     if found is None:
+        hashed_at = time.time_ns()
         h = hashlib.sha256()
         with open(path, "rb") as fh:
             while block := fh.read(_READ_CHUNK):
                 h.update(block)
-        found = _hash_cache[key] = h.hexdigest()
+        found = h.hexdigest()
+        if hashed_at - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED_NS:
+            _hash_cache[key] = found
     return found
 
 
