@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 
 from store.db import session_scope
 from store.migrate import alembic_config
+from store.model_files import local_artifact, stored_files
 from store.models_registry import serving_version
 
 # A health probe must answer within the orchestrator's time-out, so it never waits long for a dead database.
@@ -85,24 +86,35 @@ def check_artifact(path: Path) -> tuple[bool, str]:
     return True, f"model {meta.get('version', '?')} readable at {path}"
 
 
-def check_serving_model(url: str, *, fallback: Path, files_here: bool = True) -> tuple[bool, str]:
+def check_serving_model(
+    url: str, *, fallback: Path, files_here: bool = True, cache_dir: Path | None = None
+) -> tuple[bool, str]:
     """The serving version's artifact is readable here (none serves yet: the configured one).
 
-    `files_here=False` (the web, which never loads the model): a registered version whose folder is not on
-    this host is ready, said so; a folder that is here must still be readable. Workers and `cxr status` check
-    the files strictly.
+    The folder is found as the workers find it (store.model_files.local_artifact): the registered one when it
+    is here and matches its files in SQL, else those files written under cache_dir. `files_here=False` (the
+    web, which never loads the model) writes nothing: a version whose files are in SQL is ready, and so is a
+    version registered before files were kept in SQL whose folder is not on this host, said so; a folder that
+    is here must still be readable. Workers and `cxr status` check the files strictly.
     """
     try:
         with session_scope(url) as session:
             mv = serving_version(session)
-            path = Path(mv.artifact_path) if mv is not None else None
-            version = mv.version if mv is not None else None
-    except Exception as exc:  # noqa: BLE001
+            if mv is None:
+                ok, detail = check_artifact(fallback)
+                return ok, detail + " (no version serves yet; the worker registers this one)"
+            version, registered = mv.version, Path(mv.artifact_path)
+            in_sql = bool(stored_files(session, model_version_id=mv.id))
+            path = local_artifact(session, model_version=mv, cache_dir=cache_dir if files_here else None)
+    except Exception as exc:  # noqa: BLE001 - a cache that cannot be written is a failed check, said why
         return False, f"serving model unknown: {_short(exc)}"
-    if path is not None and not files_here and not path.exists():
+    if path is not None:
+        return check_artifact(path)
+    if not files_here and in_sql:
+        return True, f"{version} serves (its files are in SQL; each worker host writes its own copy)"
+    if not files_here and not registered.exists():
         return True, f"{version} serves (registered in SQL; its files are on the worker hosts, not this one)"
-    ok, detail = check_artifact(path or fallback)
-    return ok, detail if path else detail + " (no version serves yet; the worker registers this one)"
+    return check_artifact(registered)
 
 
 def serving_version_name(url: str) -> str | None:

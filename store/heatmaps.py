@@ -9,17 +9,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from store.db import insert_ignore
-from store.tables import Batch, Heatmap, Image, ModelVersion, Prediction, Study, StudyStatus, utcnow
+from store.tables import Batch, Heatmap, Image, Prediction, Study, StudyStatus, utcnow
 
 
 @dataclass(frozen=True)
 class HeatmapJob:
-    """One heat map to compute: the image, the class to explain and the artifact that made the prediction."""
+    """One heat map to compute: the image and the class to explain (the model version made the prediction)."""
 
     study_id: int
     model_version_id: int
     class_name: str
-    artifact_path: str
     data: bytes
 
 
@@ -28,9 +27,8 @@ def heatmap_jobs(session: Session, *, study_ids: Sequence[int], model_version_id
     if not study_ids:
         return []
     rows = session.execute(
-        select(Study.id, Prediction.label, ModelVersion.artifact_path, Image.data)
+        select(Study.id, Prediction.label, Image.data)
         .join(Prediction, Prediction.study_id == Study.id)
-        .join(ModelVersion, ModelVersion.id == Prediction.model_version_id)
         .join(Image, Image.sha256 == Study.image_sha256)
         .join(Batch, Batch.id == Study.batch_id)
         .outerjoin(
@@ -46,7 +44,7 @@ def heatmap_jobs(session: Session, *, study_ids: Sequence[int], model_version_id
         )
         .order_by(Study.id)
     ).all()
-    return [HeatmapJob(sid, model_version_id, label, path, bytes(data)) for sid, label, path, data in rows]
+    return [HeatmapJob(sid, model_version_id, label, bytes(data)) for sid, label, data in rows]
 
 
 def save_heatmap(

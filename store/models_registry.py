@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from store.audit import record_event
+from store.model_files import save_model_files
 from store.tables import AuditEvent, ModelVersion, User, utcnow
 
 PROMOTE_ACTION = "model.promote"
@@ -24,8 +26,11 @@ def register_model_version(
     band_legend: dict[str, str] | None = None,
     serve_if_none: bool = True,
 ) -> ModelVersion:
-    """Insert the version if new (idempotent); make it serve when nothing serves yet.
+    """Insert the version if new (idempotent) with the files of its folder; make it serve when nothing serves.
 
+    Every regular file in the folder artifact_path (when it is on this host) is stored in model_files, so
+    worker hosts without that folder write their own copy (store.model_files). A version registered before
+    its files were kept gets them from the first registration whose folder has the same artifact_sha256.
     band_legend is the artifact's meta["band_legend"] (band -> meaning), kept so every report can explain
     the bands of the version that made each prediction; a version registered without one gets it later.
     """
@@ -41,8 +46,12 @@ def register_model_version(
         )
         session.add(mv)
         session.flush()
-    elif band_legend and not mv.band_legend:
-        mv.band_legend = dict(band_legend)
+        save_model_files(session, model_version_id=mv.id, folder=Path(artifact_path))
+    else:
+        if band_legend and not mv.band_legend:
+            mv.band_legend = dict(band_legend)
+        if artifact_sha256 == mv.artifact_sha256:
+            save_model_files(session, model_version_id=mv.id, folder=Path(artifact_path))
     if serve_if_none and serving_version(session) is None:
         promote(session, model_version=mv, user_id=None)
     return mv

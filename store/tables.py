@@ -184,6 +184,22 @@ class ModelVersion(Base):
     promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class ModelFile(Base):
+    """One file of a model version's artifact folder, kept in SQL so any worker host can write the folder."""
+
+    __tablename__ = "model_files"
+    __table_args__ = (UniqueConstraint("model_version_id", "name", name="uq_model_files_version_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
+    # The file's name inside the artifact folder (meta.json, model.tflite, ...); never a path.
+    name: Mapped[str] = mapped_column(String(255))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = deferred(mapped_column(LargeBinary, nullable=False))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Prediction(Base):
     """The output of one model version on one study; never overwritten."""
 

@@ -14,6 +14,7 @@ from werkzeug.wrappers import Response
 
 from config import PROJECT_ROOT, Settings
 from store.health import check_database, check_migrations, check_serving_model
+from store.model_files import cache_root
 from worker.app import CxrCelery, broker_ping, make_celery
 
 bp = Blueprint("health", __name__)
@@ -48,7 +49,12 @@ def readiness(settings: Settings, celery_app: CxrCelery, *, model_files_here: bo
         checks.append(
             Check(
                 "model",
-                *check_serving_model(settings.database_url, fallback=fallback, files_here=model_files_here),
+                *check_serving_model(
+                    settings.database_url,
+                    fallback=fallback,
+                    files_here=model_files_here,
+                    cache_dir=cache_root(settings.data_dir),
+                ),
             )
         )
     else:

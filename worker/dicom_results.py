@@ -34,6 +34,7 @@ from store.dicom_results import (
     unsent_results,
 )
 from store.tables import ModelVersion, Prediction
+from worker.artifacts import artifact_dir
 
 log = logging.getLogger("cxr.worker")
 
@@ -203,10 +204,15 @@ def make_results(session, *, study_id: int, settings: Settings) -> list[str]:  #
 
     if "sr" in missing:
         keep("sr", build_sr(source, prediction, model_name="CXR screening CNN", model_version=mv.version))
-    artifact = Path(mv.artifact_path)
-    if "sc" in missing and not (artifact / "model.keras").exists():
-        # The heat map must come from the model that made the prediction, never from another one.
-        log.warning("no Keras model at %s: no Grad-CAM Secondary Capture for study %d", artifact, study_id)
+    # The heat map must come from the model that made the prediction, never from another one: its folder
+    # here, or its files from SQL (worker.artifacts).
+    artifact = artifact_dir(settings, session, mv) if "sc" in missing else None
+    if "sc" in missing and (artifact is None or not (artifact / "model.keras").exists()):
+        log.warning(
+            "no Keras model of %s on this host: no Grad-CAM Secondary Capture for study %d",
+            mv.version,
+            study_id,
+        )
     elif "sc" in missing:
         try:
             overlay = blend_overlay(

@@ -17,19 +17,20 @@ from pathlib import Path
 from config import Settings
 from store.db import session_scope
 from store.heatmaps import HeatmapJob, heatmap_jobs, save_heatmap
+from store.models_registry import get_version
+from worker.artifacts import artifact_dir
 
 log = logging.getLogger("cxr.worker")
 
-NO_ARTIFACT_REASON = "The model version's artifact is not on this worker host."
+NO_ARTIFACT_REASON = "The model version's artifact is not on this worker host, nor its files in the database."
 
 
-def explain_one(job: HeatmapJob) -> tuple[bytes | None, str | None]:
-    """(RGBA PNG, None) for one job, or (None, the reason it could not be made)."""
+def explain_one(job: HeatmapJob, artifact: Path | None) -> tuple[bytes | None, str | None]:
+    """(RGBA PNG, None) for one job with its model version's folder, or (None, why it could not be made)."""
     from model.explain import explain_bytes  # TensorFlow is imported here, in the worker process only
     from model.preprocess import ImageDecodeError
 
-    artifact = Path(job.artifact_path)
-    if not (artifact / "meta.json").exists() or not (artifact / "model.keras").exists():
+    if artifact is None or not (artifact / "meta.json").exists() or not (artifact / "model.keras").exists():
         return None, NO_ARTIFACT_REASON
     try:
         png, _ = explain_bytes(artifact, job.data, job.class_name)
@@ -47,11 +48,14 @@ def run_explain_task(study_ids: Sequence[int], *, model_version_id: int, setting
         jobs = heatmap_jobs(
             session, study_ids=sorted({int(i) for i in study_ids}), model_version_id=model_version_id
         )
+        mv = get_version(session, version_id=model_version_id) if jobs else None
+        # The heat map must come from the model that made the prediction: its folder here, or its SQL files.
+        artifact = artifact_dir(settings, session, mv) if mv is not None else None
     stored = 0
     # No transaction stays open while the network runs; each map is committed as soon as it exists.
     for job in jobs:
         started = time.perf_counter()
-        png, error = explain_one(job)
+        png, error = explain_one(job, artifact)
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         with session_scope(settings.database_url) as session:
             save_heatmap(

@@ -21,6 +21,7 @@ from store.models_registry import promote, register_model_version, serving_versi
 from store.retraining import RETRAIN_LOCK, finish_run, set_progress, start_run
 from store.reviews import reviewed_for_training
 from store.tables import Image, RunStatus
+from worker.artifacts import artifact_dir
 
 log = logging.getLogger("cxr.retrain")
 
@@ -36,7 +37,7 @@ class RetrainOutcome:
 
 
 def models_dir(settings: Settings) -> Path:
-    """Where immutable copies of model versions live (a volume shared by all workers in production)."""
+    """Where the trainer keeps immutable copies of model versions (other hosts get the files from SQL)."""
     return settings.data_dir / "models"
 
 
@@ -55,7 +56,10 @@ def run_retraining(
     url = settings.database_url
     with session_scope(url) as session:
         current = serving_version(session)
-        current_path = Path(current.artifact_path) if current else None
+        # The serving model's recipe and out-of-fold predictions: its folder here, or its files from SQL.
+        current_path = (
+            (artifact_dir(settings, session, current) or Path(current.artifact_path)) if current else None
+        )
         recipe = _recipe_of(current_path or DEFAULT_ARTIFACT_DIR)
         # the same recipe as the serving model; epochs and seed may be set for the deployment (tests: short)
         recipe = replace(
@@ -113,7 +117,8 @@ def run_retraining(
         else:
             cmp = compare(out_dir, serving_dir) if serving_dir else None
             passed, reasons = gate(cmp, margins, candidate_ece=meta["metrics"]["oof"]["ece"])
-        # Immutable, versioned copy: workers load the promoted model from here.
+        # Immutable, versioned copy on this host; register_model_version also stores its files in SQL, from
+        # where worker hosts without this folder write their own copy (worker.artifacts).
         final_dir = models_dir(settings) / meta["version"]
         if not final_dir.exists():
             shutil.copytree(out_dir, final_dir)

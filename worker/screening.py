@@ -38,6 +38,7 @@ from store.studies import (
     release_studies,
 )
 from store.tables import ModelVersion, Study, StudyStatus
+from worker.artifacts import artifact_dir
 from worker.stages import predict_staged
 
 log = logging.getLogger("cxr.worker")
@@ -126,17 +127,18 @@ def model_version_id(database_url: str, predictor: Any) -> int:
     return mv_id
 
 
-def _serving_row(database_url: str, session: Session | None = None) -> tuple[int, str, str] | None:
-    """(id, version, artifact path) of the serving version, or None when the registry is empty.
+def _serving_row(settings: Settings, session: Session | None = None) -> tuple[int, str, Path | None] | None:
+    """(id, version, folder on this host or None) of the serving version, or None when the registry is empty.
 
+    The folder is the registered one when it is here and matches, else written from SQL (worker.artifacts).
     With a session, the query runs in it and its transaction is committed (nothing stays open while a newly
     promoted model loads); without, in a session of its own.
     """
     if session is None:
-        with session_scope(database_url) as own:
-            return _serving_row(database_url, own)
+        with session_scope(settings.database_url) as own:
+            return _serving_row(settings, own)
     mv = serving_version(session)
-    row = (mv.id, mv.version, mv.artifact_path) if mv is not None else None
+    row = (mv.id, mv.version, artifact_dir(settings, session, mv)) if mv is not None else None
     session.commit()
     return row
 
@@ -155,19 +157,20 @@ def serving_model(settings: Settings, session: Session | None = None) -> Serving
 
     Read for every chunk (one small query), so a promotion takes effect at the next chunk without a
     restart; each artifact is loaded once per process. An empty registry is seeded with the configured
-    model (CXR_MODEL_DIR or the committed default). If the serving artifact is not on this host, the
-    configured model is used and its own version is recorded with each prediction, never the other's.
+    model (CXR_MODEL_DIR or the committed default). The serving version's files come from its registered
+    folder or from SQL (worker.artifacts); a version with neither (registered before files were kept in SQL,
+    folder elsewhere) falls back to the configured model, whose own version is recorded with each prediction.
     """
-    serving = _serving_row(settings.database_url, session)
+    serving = _serving_row(settings, session)
     if serving is not None:
         mv_id, version, path = serving
-        if Path(path, "meta.json").exists():
-            predictor = load_artifact(Path(path))
+        if path is not None:
+            predictor = load_artifact(path)
             if predictor.version == version:
                 return ServingModel(predictor, mv_id, version)
             _warn_once(f"the artifact at {path} is now {predictor.version}, the registry serves {version}")
         else:
-            _warn_once(f"serving model {version} has no artifact at {path} on this host")
+            _warn_once(f"serving model {version} has no artifact on this host nor its files in SQL")
     predictor = get_predictor(settings)
     return ServingModel(predictor, model_version_id(settings.database_url, predictor), predictor.version)
 

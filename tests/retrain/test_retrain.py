@@ -19,6 +19,7 @@ from config import Settings, load_settings
 from model import CLASSES
 from model.retrain import GateMargins, compare, gate
 from store.db import session_scope
+from store.model_files import stored_files
 from store.models_registry import register_model_version, serving_version
 from store.retraining import RETRAIN_LOCK, list_runs, start_run
 from store.reviews import review_study
@@ -187,6 +188,9 @@ def test_candidate_with_reviews_is_promoted_and_versioned(
         serving = serving_version(s)
         assert serving.version == out.candidate_version != before
         assert Path(serving.artifact_path).is_relative_to(settings.data_dir / "models")
+        # The promoted folder's files are in SQL too: worker hosts without the trainer's folder serve it.
+        stored = stored_files(s, model_version_id=serving.id)
+        assert {"meta.json", "model.tflite", "model.keras", "card.md", "oof.csv"} <= set(stored)
         assert serving.metrics["reviewed_images"] == 6
         assert list_runs(s)[0].n_reviewed == 6
 

@@ -1,14 +1,16 @@
 """Retraining end to end through REAL workers: a training worker promotes a candidate, and the running
-screening worker serves it at its next chunk, without a restart."""
+screening worker serves it at its next chunk, without a restart and without the trainer's folder."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
 from store.db import session_scope
+from store.model_files import cache_root
 from store.models_registry import serving_version
 from store.retraining import list_runs
 from store.studies import add_studies, create_batch, mark_queued, rescreen_batch
@@ -74,7 +76,10 @@ def test_promotion_through_workers_switches_what_is_served(
             assert run.status == RunStatus.PROMOTED, run.reasons
             version_b = serving_version(s).version
             assert version_b != version_a
+            trainer_folder = Path(serving_version(s).artifact_path)
             again = rescreen_batch(s, batch_id=batch_id, lease_s=600, user_id=None)
+        # As on a screening host that does not share the trainer's disk: B reaches it only through SQL.
+        shutil.rmtree(trainer_folder)
         assert again == sorted(ids)
         send_screen_chunks(again, app=app)
         wait_for(lambda: _all_done(sqlite_url, ids), 120, message="re-screening with model B")
@@ -88,6 +93,7 @@ def test_promotion_through_workers_switches_what_is_served(
         assert all(versions.get(mv) == version_b for mv in newest.values()), (
             "the worker serves B, unrestarted"
         )
+        assert (cache_root(tmp_path / "data") / version_b / "model.tflite").is_file()
     finally:
         for proc in procs:
             kill(proc)
