@@ -3,7 +3,7 @@
 Bytes as in `images` (LargeBinary: bytea on PostgreSQL, BLOB on SQLite).
 
 Revision ID: 0009
-Revises: 0007 (re-pointed to 0008 when that revision is merged)
+Revises: 0008
 Create Date: 2026-12-02 15:00:00
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0009"
-down_revision: str | None = "0007"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
