@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     queued_lease_s: int = 1800
     task_hard_time_limit_s: int = 0  # default: max(60, running_lease_s - 30)
     task_soft_time_limit_s: int = 0  # default: max(30, task_hard_time_limit_s - 30)
-    reconcile_every_s: int = 60
+    # How often beat runs the reconciler (lease-expired studies, messages the broker lost): a cheap query.
+    reconcile_every_s: int = 30
     # Studies QUEUED in SQL longer than this whose message the broker no longer holds (a Redis restart or
     # flush) are sent again by the reconciler (worker.recovery.resend_lost).
     requeue_lost_after_s: int = 30

@@ -26,7 +26,7 @@ from worker.app import (
     settings_of,
 )
 from worker.observability import model_loaded  # connects the metrics exporter and log context (issue 14)
-from worker.recovery import resend_lost, retry_transient
+from worker.recovery import is_transient, resend_lost, retry_transient
 from worker.screening import ServingModel, reconcile_once, run_screen_task, serving_model
 
 log = logging.getLogger("cxr.worker")
@@ -130,11 +130,27 @@ def screen_chunk_task(self, study_ids: list[int]) -> dict[str, int]:  # noqa: AN
             study_ids, token=self.request.id, settings=settings, enqueue=_enqueue, explain=_explain
         )
     if outcome.done and settings.dicom_results:
-        from worker.dicom_results import dicom_study_ids
-
         # After the commit (run_screen_task has committed): the results task must see the DONE rows.
-        send_dicom_results(dicom_study_ids(settings, outcome.done), app=self.app)
+        _send_dicom_results(settings, outcome.done)
     return {"done": len(outcome.done), "failed": len(outcome.failed), "requeued": len(outcome.requeued)}
+
+
+def _send_dicom_results(settings: Settings, done: Sequence[int]) -> None:
+    """Ask for the DICOM results of the DONE studies; an outage now must not fail a chunk already stored."""
+    from worker.dicom_results import dicom_study_ids
+
+    try:
+        ids = dicom_study_ids(settings, done)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        ids = list(done)  # the results task keeps the DICOM ones itself (and retries the database)
+    try:
+        send_dicom_results(ids, app=_app())
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("DICOM results of %d studies not queued: %s: %s", len(ids), type(exc).__name__, exc)
 
 
 def _explain(study_ids: Sequence[int], model_version_id: int) -> int:
