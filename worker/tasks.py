@@ -184,8 +184,16 @@ def reconcile_task() -> int:
     Not retried: beat sends the next one within CXR_RECONCILE_EVERY_S.
     """
     app = _app()
-    requeued = reconcile_once(app.settings, enqueue=_enqueue)
-    lost = resend_lost(app.settings, queue_depth=lambda: queue_depths(app)[INFERENCE_QUEUE], enqueue=_enqueue)
+    try:
+        requeued = reconcile_once(app.settings, enqueue=_enqueue)
+        lost = resend_lost(
+            app.settings, queue_depth=lambda: queue_depths(app)[INFERENCE_QUEUE], enqueue=_enqueue
+        )
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("reconciler skipped (outage): %s: %s", type(exc).__name__, str(exc).splitlines()[0][:200])
+        return 0
     return len(requeued) + len(lost)
 
 
