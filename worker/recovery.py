@@ -59,6 +59,12 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, _TRANSIENT)
 
 
+def describe(exc: BaseException) -> str:
+    """One short line for the log: the error's type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
+
+
 def retry_delay_s(retries: int, settings: Settings) -> float:
     """Exponential back-off with full jitter: uniform in [0, min(max, base * 2**retries)] seconds."""
     ceiling = min(settings.task_retry_backoff_max_s, settings.task_retry_backoff_s * 2 ** min(retries, 30))
@@ -80,10 +86,9 @@ def retry_transient(task: Any, settings: Settings) -> Iterator[None]:
         retries = int(getattr(task.request, "retries", 0) or 0)
         delay = retry_delay_s(retries, settings)
         log.warning(
-            "%s: %s: %s; retry %d of %d in %.1f s",
+            "%s: %s; retry %d of %d in %.1f s",
             task.name,
-            type(exc).__name__,
-            str(exc).splitlines()[0][:200] if str(exc) else "",
+            describe(exc),
             retries + 1,
             settings.task_max_retries,
             delay,

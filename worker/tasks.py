@@ -26,7 +26,7 @@ from worker.app import (
     settings_of,
 )
 from worker.observability import model_loaded  # connects the metrics exporter and log context (issue 14)
-from worker.recovery import is_transient, resend_lost, retry_transient
+from worker.recovery import describe, is_transient, resend_lost, retry_transient
 from worker.screening import ServingModel, reconcile_once, run_screen_task, serving_model
 
 log = logging.getLogger("cxr.worker")
@@ -150,7 +150,7 @@ def _send_dicom_results(settings: Settings, done: Sequence[int]) -> None:
     except Exception as exc:
         if not is_transient(exc):
             raise
-        log.warning("DICOM results of %d studies not queued: %s: %s", len(ids), type(exc).__name__, exc)
+        log.warning("DICOM results of %d studies not queued: %s", len(ids), describe(exc))
 
 
 def _explain(study_ids: Sequence[int], model_version_id: int) -> int:
@@ -192,7 +192,7 @@ def reconcile_task() -> int:
     except Exception as exc:
         if not is_transient(exc):
             raise
-        log.warning("reconciler skipped (outage): %s: %s", type(exc).__name__, str(exc).splitlines()[0][:200])
+        log.warning("reconciler skipped (outage): %s", describe(exc))
         return 0
     return len(requeued) + len(lost)
 
