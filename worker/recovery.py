@@ -110,9 +110,7 @@ def resend_lost(settings: Settings, *, queue_depth: Callable[[], int], enqueue: 
     try:
         depth = int(queue_depth())
     except Exception as exc:  # noqa: BLE001 - the broker is down: nothing can be sent now anyway
-        log.warning(
-            "lost-message check skipped: broker queue depth unknown (%s: %s)", type(exc).__name__, exc
-        )
+        log.warning("lost-message check skipped: broker queue depth unknown (%s)", describe(exc))
         return []
     if stale <= depth * settings.chunk_size:
         return []  # the queue may still hold all of them
