@@ -225,6 +225,7 @@ def start_web(
     timeout: float = 60.0,
     host: str = "127.0.0.1",
     prefix: Sequence[str] = (),
+    threads: int = 4,
 ) -> tuple[subprocess.Popen, str]:
     """Start the web app under waitress (as `cxr run` does); return the process and its base URL when up.
 
@@ -232,7 +233,8 @@ def start_web(
     """
     port = port or free_port()
     log_path = log_path or Path(env["CXR_DATA_DIR"]) / f"web-{port}.log"
-    args = [*prefix, sys.executable, "-m", "waitress", "--host", host, "--port", str(port), "--threads", "4"]
+    args = [*prefix, sys.executable, "-m", "waitress", "--host", host, "--port", str(port)]
+    args += ["--threads", str(threads)]
     args += ["--call", "web:create_app"]
     proc = _spawn(args, env, log_path)
 
