@@ -35,7 +35,7 @@ class _Row:
     skipped: bool = False
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity: pluggy keeps plugins in sets
 class HardeningResults:
     """Collects the hardening tests' reports during a session and writes the table at its end."""
 
