@@ -4,7 +4,8 @@ Tests marked `@pytest.mark.hardening("<case>")` are the issue-13 cases (faults, 
 session the table is written only when that session collected the whole suite (no path narrower than the test
 folder, no hardening test deselected by -k, -m or --deselect) and every hardening test actually ran (passed,
 failed or errored; none skipped, none left out by -x). So a partial local run never overwrites the table with
-a partial one, and a failure is written down like a pass. `python -m pytest -m hardening` runs just them.
+a partial one, and a failure is written down like a pass. A test adds its measurement to its row with
+`record_property("measured", "...")`. `python -m pytest -m hardening` runs just them.
 
 tests/conftest.py imports `pytest_configure` from here; elsewhere load it with `-p tests.hardening_results`.
 """
@@ -33,6 +34,7 @@ class _Row:
     finished: datetime | None = None
     ran: bool = False
     skipped: bool = False
+    measured: str = ""
 
 
 @dataclass(eq=False)  # hashable by identity: pluggy keeps plugins in sets
@@ -70,6 +72,9 @@ class HardeningResults:
             return
         row.duration_s += report.duration
         row.finished = datetime.now(UTC)
+        measured = [str(v) for k, v in report.user_properties if k == "measured"]
+        if measured:
+            row.measured = "; ".join(measured)
         if hasattr(report, "wasxfail"):
             row.ran = True
             row.outcome = "xfailed" if report.skipped else "xpassed"
@@ -117,13 +122,15 @@ class HardeningResults:
             f"- machine: {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, "
             f"Python {platform.python_version()}",
             "",
-            "| case | test | outcome | duration (s) | finished (UTC) |",
-            "|---|---|---|---|---|",
+            "| case | test | outcome | measured | duration (s) | finished (UTC) |",
+            "|---|---|---|---|---|---|",
         ]
         for nodeid, row in sorted(self.rows.items(), key=lambda kv: (kv[1].case, kv[0])):
             finished = f"{row.finished:%Y-%m-%d %H:%M:%S}" if row.finished else ""
-            test = nodeid.replace("|", "\\|")
-            lines.append(f"| {row.case} | `{test}` | {row.outcome} | {row.duration_s:.1f} | {finished} |")
+            test, measured = nodeid.replace("|", "\\|"), row.measured.replace("|", "\\|")
+            lines.append(
+                f"| {row.case} | `{test}` | {row.outcome} | {measured} | {row.duration_s:.1f} | {finished} |"
+            )
         outcomes = [r.outcome for r in self.rows.values()]
         lines += ["", f"{outcomes.count('passed')} of {len(outcomes)} passed.", ""]
         return "\n".join(lines)

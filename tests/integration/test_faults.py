@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,7 @@ def _mid_chunk(url: str, batch_id: int, chunk: int) -> bool:
 
 @pytest.mark.hardening("worker SIGKILLed mid-chunk: a new worker and the reconciler finish every study once")
 def test_sigkill_mid_batch_then_new_worker_and_reconciler(
-    data_dir: Path, procs: list, stack: tuple[str, str | None]
+    data_dir: Path, procs: list, stack: tuple[str, str | None], record_property: Callable[[str, object], None]
 ) -> None:
     """Kill -9 the worker while it runs a chunk; a new worker + beat's reconciler finish every study once.
 
@@ -100,11 +101,12 @@ def test_sigkill_mid_batch_then_new_worker_and_reconciler(
     assert_done_exactly_once(url, ids)
     retried = [sid for sid, st in outcome(url, batch_id).items() if st[2] > 1]
     assert retried, "the studies the killed worker held were delivered again"
+    record_property("measured", f"{at_kill.running} RUNNING at the kill; {len(ids)} DONE once")
 
 
 @pytest.mark.hardening("worker SIGTERMed mid-chunk: warm shutdown finishes it, the next worker the rest")
 def test_sigterm_mid_batch_is_a_warm_shutdown(
-    data_dir: Path, procs: list, stack: tuple[str, str | None]
+    data_dir: Path, procs: list, stack: tuple[str, str | None], record_property: Callable[[str, object], None]
 ) -> None:
     """SIGTERM (docker stop, a deploy): the running chunk finishes and is acknowledged, the waiting messages
     stay in the broker, and a new worker runs them; every study claimed exactly once."""
@@ -121,8 +123,10 @@ def test_sigterm_mid_batch_is_a_warm_shutdown(
         interval=0.01,
         message="the worker in the middle of a chunk",
     )
+    stopping = time.monotonic()
     first.send_signal(signal.SIGTERM)
     assert first.wait(120) == 0, log_tail(first)
+    stopped_s = time.monotonic() - stopping
     at_stop = progress(url, batch_id)
     assert at_stop.running == 0 and not at_stop.finished, at_stop
 
@@ -132,6 +136,7 @@ def test_sigterm_mid_batch_is_a_warm_shutdown(
     assert_done_exactly_once(url, ids)
     attempts = {sid: st[2] for sid, st in outcome(url, batch_id).items()}
     assert set(attempts.values()) == {1}, f"a warm shutdown wastes no delivery: {attempts}"
+    record_property("measured", f"exit 0 after {stopped_s:.1f} s with {at_stop.done} DONE; all DONE once")
 
 
 @pytest.mark.hardening("poison study (kills its worker every time): FAILED after N deliveries, others DONE")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,7 @@ from tests.procs import (
 from worker.app import make_celery, send_screen_chunks
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
+Record = Callable[[str, object], None]  # pytest's record_property: a test's measurement for the results table
 
 # Issue 13's target: with default settings, every study finishes within this long of the service's return.
 RECOVERY_BOUND_S = 120
@@ -53,7 +55,7 @@ def _mid_chunk(url: str, batch_id: int) -> bool:
 
 
 @pytest.mark.hardening("Redis restarted empty mid-batch: lost messages re-sent, all DONE within 2 min")
-def test_redis_restart_mid_batch(data_dir: Path, procs: list, pg_url: str) -> None:
+def test_redis_restart_mid_batch(data_dir: Path, procs: list, pg_url: str, record_property: Record) -> None:
     """SIGKILL a throwaway redis-server under a running batch and start it again empty."""
     port = free_port()
     redis = start_redis_server(port, data_dir)
@@ -87,13 +89,21 @@ def test_redis_restart_mid_batch(data_dir: Path, procs: list, pg_url: str) -> No
     assert (result.done, result.failed) == (len(ids), 0), (outcome(pg_url, batch_id), log_tail(procs[1]))
     assert_done_exactly_once(pg_url, ids)
     assert "re-sent" in log_tail(procs[1], 200_000), "the reconciler, not a lease, brought them back"
-    print(f"Redis restart: {at_restart.done}/{len(ids)} done at the restart, all DONE {took:.0f} s after")
+    record_property(
+        "measured", f"{at_restart.done}/{len(ids)} DONE at the restart, all DONE {took:.0f} s after"
+    )
 
 
 @pytest.mark.hardening(
     "PostgreSQL unreachable 10 s mid-batch: tasks retry, nothing FAILED, all DONE within 2 min"
 )
-def test_postgresql_outage_mid_batch(data_dir: Path, procs: list, pg_url: str, redis_url: str) -> None:
+def test_postgresql_outage_mid_batch(
+    data_dir: Path,
+    procs: list,
+    pg_url: str,
+    redis_url: str,
+    record_property: Record,
+) -> None:
     """Workers reach PostgreSQL through a proxy the test cuts for 10 s (connections reset, then refused)."""
     target = make_url(pg_url)
     proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432).start()
@@ -134,7 +144,7 @@ def test_postgresql_outage_mid_batch(data_dir: Path, procs: list, pg_url: str, r
 
 @pytest.mark.hardening("two beats: lost messages re-sent by both reconcilers, each study run once")
 def test_two_beats_resend_lost_messages_once(
-    data_dir: Path, procs: list, pg_url: str, redis_url: str
+    data_dir: Path, procs: list, pg_url: str, redis_url: str, record_property: Record
 ) -> None:
     """A batch QUEUED in SQL whose messages never reached the broker; two beats reconcile every second."""
     env = service_env(
@@ -153,6 +163,7 @@ def test_two_beats_resend_lost_messages_once(
     assert_done_exactly_once(pg_url, ids)
     attempts = {sid: st[2] for sid, st in outcome(pg_url, batch_id).items()}
     assert set(attempts.values()) == {1}, f"a study was claimed twice: {attempts}"
+    record_property("measured", f"{len(ids)} lost studies, all DONE once, each claimed once")
     for beat in procs[1:]:
         assert beat.poll() is None, log_tail(beat)
         beat.send_signal(signal.SIGTERM)
