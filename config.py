@@ -47,7 +47,16 @@ class Settings(BaseSettings):
     queued_lease_s: int = 1800
     task_hard_time_limit_s: int = 0  # default: max(60, running_lease_s - 30)
     task_soft_time_limit_s: int = 0  # default: max(30, task_hard_time_limit_s - 30)
-    reconcile_every_s: int = 60
+    # How often beat runs the reconciler (lease-expired studies, messages the broker lost): a cheap query.
+    reconcile_every_s: int = 30
+    # Studies QUEUED in SQL longer than this whose message the broker no longer holds (a Redis restart or
+    # flush) are sent again by the reconciler (worker.recovery.resend_lost).
+    requeue_lost_after_s: int = 30
+    # A task that meets a database or broker outage retries (same task id, so the same SQL claim) after a
+    # random delay in [0, min(max, base * 2**retries)] s ("full jitter"), at most task_max_retries times.
+    task_max_retries: int = 20
+    task_retry_backoff_s: float = 1.0
+    task_retry_backoff_max_s: float = 30.0
     max_upload_bytes: int = 512 * 1024 * 1024
     max_files_per_upload: int = 1000
     max_image_pixels: int = 50_000_000

@@ -221,10 +221,16 @@ def web_command(host: str, port: int, threads: int) -> None:
 
 @click.command("reconcile")
 def reconcile_command() -> None:
-    """Requeue studies whose lease ran out, once (beat runs this every CXR_RECONCILE_EVERY_S)."""
-    from worker.app import send_screen_chunks
+    """Requeue studies whose lease ran out and re-send lost ones, once (beat: every CXR_RECONCILE_EVERY_S)."""
+    from worker.app import INFERENCE_QUEUE, queue_depths, send_screen_chunks
+    from worker.recovery import resend_lost
     from worker.screening import reconcile_once
 
     settings = load_settings()
-    ids = reconcile_once(settings, enqueue=lambda ids, size: send_screen_chunks(ids, chunk_size=size))
-    click.echo(f"requeued {len(ids)} studies")
+
+    def enqueue(ids: list[int], size: int) -> int:
+        return send_screen_chunks(ids, chunk_size=size)
+
+    ids = reconcile_once(settings, enqueue=enqueue)
+    lost = resend_lost(settings, queue_depth=lambda: queue_depths()[INFERENCE_QUEUE], enqueue=enqueue)
+    click.echo(f"requeued {len(ids)} studies after their lease, re-sent {len(lost)} the broker lost")

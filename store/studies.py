@@ -340,6 +340,31 @@ def reconcile(
     )
 
 
+def count_stale_queued(session: Session, *, before: datetime) -> int:
+    """How many studies have been QUEUED (sent, or re-sent) since before `before` and are still waiting."""
+    stmt = select(func.count(Study.id)).where(Study.status == StudyStatus.QUEUED, Study.updated_at < before)
+    return int(session.scalar(stmt) or 0)
+
+
+def touch_stale_queued(
+    session: Session, *, before: datetime, queued_lease_s: int, now: datetime | None = None
+) -> list[int]:
+    """Mark the studies QUEUED since before `before` as sent now (new lease); their ids, to enqueue again.
+
+    A compare-and-set on updated_at: two reconcilers at once get disjoint sets. The caller commits first.
+    """
+    now = now or utcnow()
+    return sorted(
+        session.execute(
+            update(Study)
+            .where(Study.status == StudyStatus.QUEUED, Study.updated_at < before)
+            .values(lease_expires_at=now + timedelta(seconds=queued_lease_s), updated_at=now)
+            .returning(Study.id)
+            .execution_options(synchronize_session=False)
+        ).scalars()
+    )
+
+
 def received_study_ids(session: Session, *, batch_id: int) -> list[int]:
     """The batch's studies waiting to be started (RECEIVED)."""
     return list(

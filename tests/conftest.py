@@ -19,6 +19,7 @@ from store import migrate
 from store.db import dispose_all, session_scope
 from store.tables import Role, User
 from store.users import create_user
+from tests.hardening_results import pytest_configure  # noqa: F401 - writes docs/hardening_results.md
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -164,13 +164,41 @@ def wait_workers_ready(workers: Sequence[subprocess.Popen], timeout: float = 180
     wait_for(ready, timeout, interval=0.25, message="the worker(s) to load the model")
 
 
-def start_beat(env: Mapping[str, str], *, log_path: Path | None = None) -> subprocess.Popen:
-    """Start a real `celery beat` with its schedule file under the data dir."""
+def start_beat(
+    env: Mapping[str, str], *, log_path: Path | None = None, schedule: str = "celerybeat-schedule"
+) -> subprocess.Popen:
+    """Start a real `celery beat` with its schedule file (name under the data dir: one per beat)."""
     data_dir = Path(env["CXR_DATA_DIR"])
     log_path = log_path or data_dir / f"beat-{time.monotonic_ns()}.log"
     args = [sys.executable, "-m", "celery", "-A", "worker.main", "beat", "--loglevel", "INFO"]
-    args += ["--schedule", str(data_dir / "celerybeat-schedule")]
+    args += ["--schedule", str(data_dir / schedule)]
     return _spawn(args, env, log_path)
+
+
+def start_redis_server(port: int, data_dir: Path, *, timeout: float = 30.0) -> subprocess.Popen:
+    """A throwaway `redis-server` on its own port keeping nothing (no RDB, no AOF); returns once it listens.
+
+    Fails under CI=true (skips elsewhere) when redis-server is not installed.
+    """
+    import shutil
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        reason = "redis-server is not installed (apt-get install redis-server)"
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(reason + " and CI=true requires it")
+        pytest.skip(reason)
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    args += ["--dir", str(data_dir)]
+    proc = _spawn(args, {"PATH": os.environ.get("PATH", "")}, data_dir / f"redis-{port}.log")
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"redis-server exited with {proc.returncode}:\n{log_tail(proc)}")
+        return port_open(port)
+
+    wait_for(up, timeout, interval=0.05, message=f"redis-server on port {port}")
+    return proc
 
 
 def free_port() -> int:
@@ -197,6 +225,7 @@ def start_web(
     timeout: float = 60.0,
     host: str = "127.0.0.1",
     prefix: Sequence[str] = (),
+    threads: int = 4,
 ) -> tuple[subprocess.Popen, str]:
     """Start the web app under waitress (as `cxr run` does); return the process and its base URL when up.
 
@@ -204,7 +233,8 @@ def start_web(
     """
     port = port or free_port()
     log_path = log_path or Path(env["CXR_DATA_DIR"]) / f"web-{port}.log"
-    args = [*prefix, sys.executable, "-m", "waitress", "--host", host, "--port", str(port), "--threads", "4"]
+    args = [*prefix, sys.executable, "-m", "waitress", "--host", host, "--port", str(port)]
+    args += ["--threads", str(threads)]
     args += ["--call", "web:create_app"]
     proc = _spawn(args, env, log_path)
 

@@ -131,9 +131,11 @@ def make_celery(settings: Settings | None = None, *, set_as_current: bool = True
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        # A late-acked task whose broker connection was lost is redelivered by the broker: cancel the running
-        # copy rather than finish it twice (Celery's advice with acks_late; RabbitMQ redelivers at once).
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # RabbitMQ redelivers a late-acked task at once when the worker's connection is lost: cancel the
+        # running copy rather than finish it twice (Celery's advice with acks_late). Redis redelivers only
+        # after the visibility timeout (an hour), or never when it restarted empty: cancelling there would
+        # leave the chunk's studies RUNNING until their lease ends, so the running copy finishes in SQL.
+        worker_cancel_long_running_tasks_on_connection_loss=is_amqp(settings.broker_url),
         task_serializer="json",
         result_serializer="json",
         event_serializer="json",
@@ -249,7 +251,7 @@ def enqueue_after_commit(session: Session, study_ids: Sequence[int]) -> str | No
     """Commit the session (the studies are QUEUED in it), THEN send their screening tasks.
 
     The one way web and intake reach the queue. Returns None when sent, else the reason it failed: the
-    studies are saved QUEUED and the reconciler sends them again after their lease.
+    studies are saved QUEUED and the reconciler sends them again (worker.recovery.resend_lost).
     """
     session.commit()
     if not study_ids:

@@ -35,6 +35,7 @@ from store.dicom_results import (
 )
 from store.tables import ModelVersion, Prediction
 from worker.artifacts import artifact_dir
+from worker.recovery import is_transient
 
 log = logging.getLogger("cxr.worker")
 
@@ -279,7 +280,9 @@ def run_results_task(study_ids: Sequence[int], *, settings: Settings) -> dict[st
             try:
                 made += len(make_results(session, study_id=sid, settings=settings))
                 session.commit()  # each study's results are kept even if a later one fails
-            except Exception:  # noqa: BLE001 - one study's odd header must not cost the others their results
+            except Exception as exc:  # noqa: BLE001 - one study's odd header must not cost the others theirs
+                if is_transient(exc):
+                    raise  # the database or network is down: the task retries (worker.recovery)
                 session.rollback()
                 log.exception("DICOM results of study %d failed", sid)
         sent = send_results(session, study_ids=ids, settings=settings)

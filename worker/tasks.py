@@ -19,12 +19,14 @@ from worker.app import (
     RETRAIN_TASK,
     SCREEN_TASK,
     CxrCelery,
+    queue_depths,
     send_dicom_results,
     send_explain,
     send_screen_chunks,
     settings_of,
 )
 from worker.observability import model_loaded  # connects the metrics exporter and log context (issue 14)
+from worker.recovery import describe, is_transient, resend_lost, retry_transient
 from worker.screening import ServingModel, reconcile_once, run_screen_task, serving_model
 
 log = logging.getLogger("cxr.worker")
@@ -118,17 +120,37 @@ def _store_drift_reference(app: CxrCelery, model: ServingModel) -> None:
 
 @shared_task(name=SCREEN_TASK, bind=True)
 def screen_chunk_task(self, study_ids: list[int]) -> dict[str, int]:  # noqa: ANN001
-    """Screen one chunk of studies; the task id is the claim token, so a redelivery re-claims its own."""
-    settings = settings_of(self.app)
-    outcome = run_screen_task(
-        study_ids, token=self.request.id, settings=settings, enqueue=_enqueue, explain=_explain
-    )
-    if outcome.done and settings.dicom_results:
-        from worker.dicom_results import dicom_study_ids
+    """Screen one chunk of studies; the task id is the claim token, so a redelivery re-claims its own.
 
+    A database or broker outage retries the task (same id, same claim) with back-off (worker.recovery).
+    """
+    settings = settings_of(self.app)
+    with retry_transient(self, settings):
+        outcome = run_screen_task(
+            study_ids, token=self.request.id, settings=settings, enqueue=_enqueue, explain=_explain
+        )
+    if outcome.done and settings.dicom_results:
         # After the commit (run_screen_task has committed): the results task must see the DONE rows.
-        send_dicom_results(dicom_study_ids(settings, outcome.done), app=self.app)
+        _send_dicom_results(settings, outcome.done)
     return {"done": len(outcome.done), "failed": len(outcome.failed), "requeued": len(outcome.requeued)}
+
+
+def _send_dicom_results(settings: Settings, done: Sequence[int]) -> None:
+    """Ask for the DICOM results of the DONE studies; an outage now must not fail a chunk already stored."""
+    from worker.dicom_results import dicom_study_ids
+
+    try:
+        ids = dicom_study_ids(settings, done)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        ids = list(done)  # the results task keeps the DICOM ones itself (and retries the database)
+    try:
+        send_dicom_results(ids, app=_app())
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("DICOM results of %d studies not queued: %s", len(ids), describe(exc))
 
 
 def _explain(study_ids: Sequence[int], model_version_id: int) -> int:
@@ -140,21 +162,39 @@ def explain_task(self, study_ids: list[int], model_version_id: int) -> int:  # n
     """Compute the missing Grad-CAM heat maps of these studies (the Keras model loads once per process)."""
     from worker.explain import run_explain_task
 
-    return run_explain_task(study_ids, model_version_id=model_version_id, settings=settings_of(self.app))
+    settings = settings_of(self.app)
+    with retry_transient(self, settings):  # idempotent: a retry computes only the maps still missing
+        return run_explain_task(study_ids, model_version_id=model_version_id, settings=settings)
 
 
-@shared_task(name=DICOM_RESULTS_TASK)
-def dicom_results_task(study_ids: list[int]) -> dict[str, int]:
+@shared_task(name=DICOM_RESULTS_TASK, bind=True)
+def dicom_results_task(self, study_ids: list[int]) -> dict[str, int]:  # noqa: ANN001
     """Make (and send, when a destination is set) the SR and Grad-CAM SC of finished DICOM studies."""
     from worker.dicom_results import run_results_task
 
-    return run_results_task(study_ids, settings=_settings())
+    settings = settings_of(self.app)
+    with retry_transient(self, settings):  # idempotent: makes what is missing, sends what is unsent
+        return run_results_task(study_ids, settings=settings)
 
 
 @shared_task(name=RECONCILE_TASK)
 def reconcile_task() -> int:
-    """Requeue studies left in QUEUED or RUNNING after their lease ran out."""
-    return len(reconcile_once(_settings(), enqueue=_enqueue))
+    """Requeue studies whose lease ran out, and re-send QUEUED studies whose message the broker lost.
+
+    Not retried: beat sends the next one within CXR_RECONCILE_EVERY_S.
+    """
+    app = _app()
+    try:
+        requeued = reconcile_once(app.settings, enqueue=_enqueue)
+        lost = resend_lost(
+            app.settings, queue_depth=lambda: queue_depths(app)[INFERENCE_QUEUE], enqueue=_enqueue
+        )
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("reconciler skipped (outage): %s", describe(exc))
+        return 0
+    return len(requeued) + len(lost)
 
 
 # acks_late=False and the time limits of retraining come from the app's task_annotations (worker.app).

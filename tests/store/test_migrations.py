@@ -28,6 +28,7 @@ def _tables(url: str) -> set[str]:
         engine.dispose()
 
 
+@pytest.mark.hardening("migrations round trip: empty -> head -> base -> head")
 def test_upgrade_downgrade_roundtrip(empty_url: str) -> None:
     """empty -> head creates every table; head -> base removes them all; head again works."""
     assert _tables(empty_url) == set()

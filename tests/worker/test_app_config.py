@@ -51,6 +51,8 @@ def test_redis_visibility_timeout_outlasts_any_task(tmp_path: Path, monkeypatch)
     monkeypatch.setenv("CXR_TASK_HARD_TIME_LIMIT_S", "3000")
     conf = make_celery(load_settings(), set_as_current=False).conf
     assert conf.broker_transport_options["visibility_timeout"] > 2 * conf.task_time_limit
+    # Redis does not redeliver on connection loss: a cancelled chunk would wait for its lease (issue 13).
+    assert not conf.worker_cancel_long_running_tasks_on_connection_loss
 
 
 def test_rabbitmq_settings(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 import pytest
@@ -80,6 +81,30 @@ def test_claim_is_compare_and_set(seeded: Seeded) -> None:
     states = _states(seeded.url, ids)
     assert [states[i] for i in ids[:2]] == [(StudyStatus.RUNNING, 2, "task-a")] * 2
     assert states[ids[2]] == (StudyStatus.RUNNING, 1, "task-a")
+
+
+@pytest.mark.hardening("claim race: eight workers claim the same studies at once, each study goes to one")
+def test_claim_race_gives_each_study_to_one_token(db_url: str) -> None:
+    """Eight threads (as eight worker processes would) claim overlapping chunks at the same instant: all of
+    the studies, and windows of 15 that overlap their neighbours' (duplicate and re-sent messages)."""
+    s = seed(db_url, [f"race-{i}".encode() for i in range(40)])
+    chunks = [s.study_ids] + [s.study_ids[i * 5 : i * 5 + 15] for i in range(7)]
+    won: dict[str, list[int]] = {}
+    barrier = threading.Barrier(len(chunks))
+
+    def claim(token: str, chunk: list[int]) -> None:
+        barrier.wait()
+        won[token] = _claim(db_url, chunk, token)
+
+    threads = [threading.Thread(target=claim, args=(f"task-{i}", c)) for i, c in enumerate(chunks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    claimed = [sid for ids in won.values() for sid in ids]
+    assert len(won) == len(chunks) and sorted(claimed) == s.study_ids, "every study claimed exactly once"
+    states = _states(db_url, s.study_ids)
+    assert all(states[sid] == (StudyStatus.RUNNING, 1, tok) for tok, ids in won.items() for sid in ids)
 
 
 def test_expired_lease_can_be_claimed_by_another_task(seeded: Seeded) -> None:
