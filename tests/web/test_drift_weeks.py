@@ -171,6 +171,9 @@ def test_ops_page_shows_the_weekly_warning(
     add_week(url, users["alice"], films, [monday - timedelta(days=7)] * len(films))
     add_week(url, users["alice"], [_inverted(d) for d in films], [monday] * len(films))
     html = login("root").get("/admin/ops").get_data(as_text=True)
+    # once, in the page body (a merge once pasted the table into the <title> block too)
+    assert html.count('id="ops-drift-weeks"') == 1
+    assert "<title>Operations · CXR screening</title>" in html
     table = html[html.index('id="ops-drift-weeks"') :]
     this_row = table[table.index(f'data-week="{monday.date()}"') :].split("</tr>")[0]
     last_row = table[table.index(f'data-week="{(monday - timedelta(days=7)).date()}"') :].split("</tr>")[0]
