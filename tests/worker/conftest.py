@@ -9,6 +9,7 @@ import pytest
 from store.db import session_scope
 from store.models_registry import register_model_version
 from store.studies import add_studies, create_batch, mark_queued
+from store.tables import Prediction, Study
 from store.users import create_user
 
 
@@ -42,3 +43,21 @@ def seed(url: str, images: list[bytes | None], *, queued: bool = True) -> Seeded
 def seeded(db_url: str) -> Seeded:
     """Four QUEUED studies with distinct (fake, never decoded) bytes, on SQLite and on PostgreSQL."""
     return seed(db_url, [f"image-{i}".encode() for i in range(4)])
+
+
+def mark_predicted_normal(url: str, study_id: int, model_version_id: int) -> None:
+    """One 'likely normal' prediction for the study and every study DONE (what an explain task expects)."""
+    with session_scope(url) as session:
+        session.execute(
+            Prediction.__table__.insert().values(
+                study_id=study_id,
+                model_version_id=model_version_id,
+                label="normal",
+                p_covid=0.1,
+                p_normal=0.8,
+                p_pneumonia=0.1,
+                triage="likely normal",
+                elapsed_ms=1.0,
+            )
+        )
+        session.execute(Study.__table__.update().values(status="DONE"))

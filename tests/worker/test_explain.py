@@ -9,9 +9,9 @@ from sqlalchemy import func, select
 from store.db import session_scope
 from store.heatmaps import heatmap_png, heatmap_status
 from store.models_registry import band_legends
-from store.tables import Heatmap, Prediction, Study
+from store.tables import Heatmap, Prediction
 from tests.procs import sample_images
-from tests.worker.conftest import seed
+from tests.worker.conftest import mark_predicted_normal, seed
 from tests.worker.test_screening import _Recorder, _settings
 from worker.explain import NO_ARTIFACT_REASON, run_explain_task
 from worker.screening import model_version_id, run_screen_task
@@ -57,20 +57,7 @@ def test_screening_sends_done_studies_then_heat_maps_are_stored_once(db_url: str
 def test_missing_artifact_is_recorded_not_retried(db_url: str) -> None:
     """A version whose artifact is not on this host gets a row with the reason (the page says so)."""
     s = seed(db_url, [data for _, data in sample_images(1)])
-    with session_scope(db_url) as session:
-        session.execute(
-            Prediction.__table__.insert().values(
-                study_id=s.study_ids[0],
-                model_version_id=s.model_version_id,
-                label="normal",
-                p_covid=0.1,
-                p_normal=0.8,
-                p_pneumonia=0.1,
-                triage="likely normal",
-                elapsed_ms=1.0,
-            )
-        )
-        session.execute(Study.__table__.update().values(status="DONE"))
+    mark_predicted_normal(db_url, s.study_ids[0], s.model_version_id)
     settings = _settings(db_url)
     assert run_explain_task(s.study_ids, model_version_id=s.model_version_id, settings=settings) == 1
     with session_scope(db_url) as session:

@@ -17,9 +17,9 @@ from model.artifact import artifact_sha256, read_meta
 from store.db import session_scope
 from store.model_files import cache_root
 from store.models_registry import register_model_version
-from store.tables import Heatmap, Prediction, Study
+from store.tables import Heatmap, Prediction
 from tests.procs import sample_images
-from tests.worker.conftest import seed
+from tests.worker.conftest import mark_predicted_normal, seed
 from worker.explain import run_explain_task
 from worker.screening import screen_chunk, serving_model
 
@@ -92,20 +92,7 @@ def test_heat_maps_come_from_the_files_in_sql(db_url: str, remote_version: tuple
     """The explain worker finds the prediction's version through the same resolution and stores a heat map."""
     _, mv_id, settings = remote_version
     s = seed(db_url, [data for _, data in sample_images(1)])
-    with session_scope(db_url) as session:
-        session.execute(
-            Prediction.__table__.insert().values(
-                study_id=s.study_ids[0],
-                model_version_id=mv_id,
-                label="normal",
-                p_covid=0.1,
-                p_normal=0.8,
-                p_pneumonia=0.1,
-                triage="likely normal",
-                elapsed_ms=1.0,
-            )
-        )
-        session.execute(Study.__table__.update().values(status="DONE"))
+    mark_predicted_normal(db_url, s.study_ids[0], mv_id)
     assert run_explain_task(s.study_ids, model_version_id=mv_id, settings=settings) == 1
     with session_scope(db_url) as session:
         row = session.scalar(select(Heatmap).where(Heatmap.study_id == s.study_ids[0]))
