@@ -188,12 +188,14 @@ def cross_validate(
     *,
     folds_to_run: list[int] | None = None,
     on_epoch=None,
+    exclude: np.ndarray | None = None,
     log=print,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Train (or reuse) one network per fold on the other folds; return (OOF logits, folds, models).
 
     `cfg` is a model.train.TrainConfig. A fold whose out/fold<k>/model.keras exists is reused (the caller keys
     `out` by everything that defines the run). `on_epoch(done, total)` reports progress over all folds.
+    `exclude` (bool per study): left out of every fold's training, never out of evaluation (label noise).
     """
     import keras
 
@@ -208,6 +210,8 @@ def cross_validate(
     for i, f in enumerate(todo):
         fdir = Path(out) / f"fold{f}"
         tr, te = folds != f, folds == f
+        if exclude is not None:
+            tr = tr & ~exclude
         if (fdir / "model.keras").exists():
             model = keras.saving.load_model(fdir / "model.keras", compile=False)
         else:
@@ -277,6 +281,7 @@ def run_cv(
     runs_dir: Path = REPO_ROOT / "runs" / "cv",
     lung_crop: bool = False,
     clahe: bool = False,
+    exclude_files: frozenset[str] = frozenset(),
     log=print,
 ) -> dict:
     """A sweep candidate: cross-validate one recipe over train+val, write oof.csv and summary.json."""
@@ -293,11 +298,22 @@ def run_cv(
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(
         json.dumps(
-            {"name": name, "k": k, "cv_seed": CV_SEED, "lung_crop": lung_crop, "clahe": clahe, **asdict(cfg)},
+            {
+                "name": name,
+                "k": k,
+                "cv_seed": CV_SEED,
+                "lung_crop": lung_crop,
+                "clahe": clahe,
+                "excluded_from_training": sorted(exclude_files),
+                **asdict(cfg),
+            },
             indent=1,
         )
     )
-    logits, done, _ = cross_validate(cfg, x, y, folds, out, folds_to_run=folds_to_run, log=log)
+    exclude = np.array([r.file in exclude_files for r in records]) if exclude_files else None
+    logits, done, _ = cross_validate(
+        cfg, x, y, folds, out, folds_to_run=folds_to_run, exclude=exclude, log=log
+    )
     save_oof(out / "oof.csv", records, logits, y, done)
     sources = np.array([r.source for r in records])
     groups = np.array([r.patient_id for r in records])
@@ -449,6 +465,12 @@ def main() -> None:
     ap.add_argument("--folds", default=None, help="comma-separated fold indices (default: all)")
     ap.add_argument("--lung-crop", action="store_true", help="crop to the checked lung fields first")
     ap.add_argument("--clahe", action="store_true", help="CLAHE inside preprocessing (model.preprocess)")
+    ap.add_argument(
+        "--exclude-from-training",
+        type=Path,
+        default=None,
+        help="studies (manifest 'file' values, one per line) kept out of training, never out of evaluation",
+    )
     ap.add_argument("--loco", action="store_true", help="leave-one-collection-out instead of k-fold")
     ap.add_argument("--probe", action="store_true", help="source probe on the out-of-fold features of --name")
     ap.add_argument("--noise", default=None, help="comma-separated candidates: studies all of them get wrong")
@@ -479,6 +501,9 @@ def main() -> None:
         folds_to_run=folds,
         lung_crop=args.lung_crop,
         clahe=args.clahe,
+        exclude_files=frozenset(
+            args.exclude_from_training.read_text().splitlines() if args.exclude_from_training else ()
+        ),
         log=lambda m: print(m, flush=True),
     )
     print(json.dumps({k: s[k] for k in ("name", "mean", "sd", "pooled")}, indent=1), flush=True)

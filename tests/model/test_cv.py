@@ -107,3 +107,38 @@ def test_a_sweep_is_adopted_only_when_it_trained_exactly_the_recipe(tmp_path) ->
         (sweep / "config.json").write_text(json.dumps({**conf, **change}))
         with pytest.raises(ValueError, match="another configuration"):
             _adopt_sweep_folds(sweep, tmp_path / "other", cfg, 5, lambda m: None)
+
+
+def test_excluded_studies_leave_training_but_not_evaluation(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """Label noise: an excluded study is in no fold's training set, yet every study gets an OOF logit."""
+    import json
+    from types import SimpleNamespace
+
+    import model.artifact as artifact
+    import model.cv as cv
+    import model.train as train
+
+    n = 40
+    x = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1)
+    y = np.arange(n) % 3
+    folds = np.arange(n) % 4
+    exclude = np.zeros(n, bool)
+    exclude[[1, 6, 11, 30]] = True
+    trained_on: list[set[int]] = []
+
+    def fake_train(cfg, x_tr, y_tr, x_val, y_val, out_dir, **_):  # noqa: ANN001, ANN003, ANN202
+        trained_on.append({int(v) for v in x_tr.ravel()})
+        out_dir.mkdir(parents=True)
+        (out_dir / "history.json").write_text(json.dumps({"train_seconds": 0.0}))
+        return "net"
+
+    monkeypatch.setattr(train, "train_network", fake_train)
+    monkeypatch.setattr(train, "to_model_input", lambda xs, arch: xs)
+    monkeypatch.setattr(artifact, "ensemble_logits", lambda ms, xs, **_: np.zeros((len(xs), 3), np.float32))
+    monkeypatch.setattr(cv, "fold_metrics", lambda z, yy: {})
+    cfg = SimpleNamespace(arch="cxr_slim", epochs=1)
+    logits, done, _ = cv.cross_validate(cfg, x, y, folds, tmp_path, exclude=exclude, log=lambda m: None)
+    assert len(trained_on) == 4
+    assert all(s.isdisjoint({1, 6, 11, 30}) for s in trained_on)
+    assert all(len(s) == n - n // 4 - sum(exclude[folds != f]) for f, s in enumerate(trained_on))
+    assert (done >= 0).all() and not np.isnan(logits).any()  # excluded studies are still evaluated
