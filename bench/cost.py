@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import secrets
 import shutil
 import statistics
 import sys
@@ -39,9 +38,15 @@ sys.path.insert(0, str(REPO))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
-from sqlalchemy import create_engine, text  # noqa: E402
 
-from bench.throughput import load_images, proc_tree_rss_kib, upload_batch, wait_finished  # noqa: E402
+from bench.throughput import (  # noqa: E402
+    create_database,
+    drop_database,
+    load_images,
+    proc_tree_rss_kib,
+    upload_batch,
+    wait_finished,
+)
 from store import migrate  # noqa: E402
 from store.db import dispose_all, session_scope  # noqa: E402
 from store.studies import batch_progress  # noqa: E402
@@ -132,11 +137,7 @@ def run_size(n: int, images: list[tuple[str, bytes]], args: argparse.Namespace) 
     """One batch of n studies through fresh web + worker processes; the measurements."""
     import redis
 
-    db_name = "cxr_cost_" + secrets.token_hex(4)
-    admin = create_engine(args.pg_admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db_name}"'))
-    url = args.pg_admin_url.rsplit("/", 1)[0] + "/" + db_name
+    admin, db_name, url = create_database(args.pg_admin_url, "cxr_cost_")
     redis.Redis.from_url(args.redis_url).flushdb()
     tmp = Path(tempfile.mkdtemp(prefix="cxr-cost-"))
     procs = []
@@ -195,9 +196,7 @@ def run_size(n: int, images: list[tuple[str, bytes]], args: argparse.Namespace) 
     finally:
         stop_all(procs)
         dispose_all()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
-        admin.dispose()
+        drop_database(admin, db_name)
         redis.Redis.from_url(args.redis_url).flushdb()
         shutil.rmtree(tmp, ignore_errors=True)
 

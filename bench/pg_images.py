@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
 import statistics
 import sys
@@ -41,6 +40,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 from sqlalchemy import case, create_engine, insert, literal, select, text, update  # noqa: E402
 
+from bench.throughput import create_database, drop_database  # noqa: E402
 from store import migrate  # noqa: E402
 from store.db import dispose_all, session_scope  # noqa: E402
 from store.drift import batch_drift  # noqa: E402
@@ -223,11 +223,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     if studies < args.step:
         sys.exit("not enough free disk for one step")
 
-    db_name = "cxr_pgimg_" + secrets.token_hex(4)
-    admin = create_engine(args.pg_admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db_name}"'))
-    url = args.pg_admin_url.rsplit("/", 1)[0] + "/" + db_name
+    admin, db_name, url = create_database(args.pg_admin_url, "cxr_pgimg_")
     report: dict[str, Any] = {
         "studies_planned": args.studies,
         "studies_run": studies,
@@ -306,9 +302,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
                 break
     finally:
         dispose_all()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
-        admin.dispose()
+        drop_database(admin, db_name)
         print(f"dropped {db_name}; df free now {shutil.disk_usage(pg_dir).free / 1024**3:.1f} GB", flush=True)
     print(json.dumps(report["steps"][-1] if report["steps"] else {}, indent=2))
     if args.json:

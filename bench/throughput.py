@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import requests  # noqa: E402
-from sqlalchemy import create_engine, func, select, text  # noqa: E402
+from sqlalchemy import Engine, create_engine, func, select, text  # noqa: E402
 
 from bench.cpu_by_process import cpu_between, snapshot  # noqa: E402
 from model import shared_data_dir  # noqa: E402
@@ -51,6 +51,25 @@ from store.tables import ModelVersion, Prediction, Role, Study  # noqa: E402
 from store.users import create_user, issue_api_token  # noqa: E402
 from tests.procs import service_env, settings_from_env, start_web, start_worker, stop_all  # noqa: E402
 from worker.app import make_celery, send_screen_chunks  # noqa: E402
+
+
+def create_database(admin_url: str, prefix: str) -> tuple[Engine, str, str]:
+    """A throwaway PostgreSQL database next to admin_url's: (admin engine, its name, its URL).
+
+    Every benchmark that needs its own database makes it here and drops it with drop_database.
+    """
+    name = prefix + secrets.token_hex(4)
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    return admin, name, admin_url.rsplit("/", 1)[0] + "/" + name
+
+
+def drop_database(admin: Engine, name: str) -> None:
+    """Drop a database made by create_database (sessions still on it are ended) and close the admin engine."""
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
 
 
 def load_images(n: int, sources: Collection[str] | None = None) -> list[tuple[str, bytes]]:
@@ -238,11 +257,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     data = [d for _, d in images]
     report: dict[str, object] = {"studies": args.studies, "cpus": os.cpu_count(), "layout": args.layout}
 
-    db_name = "cxr_bench_" + secrets.token_hex(4)
-    admin = create_engine(args.pg_admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db_name}"'))
-    url = args.pg_admin_url.rsplit("/", 1)[0] + "/" + db_name
+    admin, db_name, url = create_database(args.pg_admin_url, "cxr_bench_")
     import redis
 
     redis.Redis.from_url(args.redis_url).flushdb()
@@ -460,9 +475,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         dispose_all()
         if tmp is not None:
             shutil.rmtree(tmp / "model", ignore_errors=True)  # the logs stay for a look after a failed run
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
-        admin.dispose()
+        drop_database(admin, db_name)
         redis.Redis.from_url(args.redis_url).flushdb()
     print(json.dumps(report, indent=2))
     if args.json:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import secrets
 import sys
 import time
 from pathlib import Path
@@ -18,9 +17,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sqlalchemy import create_engine, text  # noqa: E402
 
-from bench.throughput import load_images  # noqa: E402
+from bench.throughput import create_database, drop_database, load_images  # noqa: E402
 from store import migrate  # noqa: E402
 from store.db import dispose_all, session_scope  # noqa: E402
 from store.tables import Role  # noqa: E402
@@ -36,11 +34,7 @@ def main() -> None:
     ap.add_argument("--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     args = ap.parse_args()
     images = load_images(args.files)
-    admin = create_engine(args.pg_admin_url, isolation_level="AUTOCOMMIT")
-    name = "cxr_webstore_" + secrets.token_hex(4)
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = args.pg_admin_url.rsplit("/", 1)[0] + "/" + name
+    admin, name, url = create_database(args.pg_admin_url, "cxr_webstore_")
     try:
         migrate.upgrade(url)
         with session_scope(url) as s:
@@ -65,9 +59,7 @@ def main() -> None:
         print(f"web stored {args.files / elapsed:.0f} files/s ({args.files} files in {elapsed:.2f} s)")
     finally:
         dispose_all()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        drop_database(admin, name)
 
 
 if __name__ == "__main__":
